@@ -1,0 +1,123 @@
+"""`autopipeline-server`: serve models, build tiny offline checkpoints, or run the offline demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from autopipeline_server import __version__
+from autopipeline_server.settings import DTYPES, ConfigError, ModelSpec, load_settings
+
+
+def _model(text: str) -> ModelSpec:
+    try:
+        return ModelSpec.parse(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autopipeline-server", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve models over gRPC until SIGTERM/SIGINT")
+    serve.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        type=_model,
+        metavar="NAME=SOURCE",
+        help="a local checkpoint directory or a hub id to serve; repeatable; the first is the default",
+    )
+    serve.add_argument("--config", help="a TOML or YAML file with the same settings (flags win)")
+    serve.add_argument("--host", help="address to bind (default [::])")
+    serve.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
+    serve.add_argument("--device", help="auto, cpu, mps, cuda or cuda:N (default auto)")
+    serve.add_argument("--dtype", choices=DTYPES, help="weights dtype (default auto: float16 on GPUs)")
+    serve.add_argument("--max-queue", type=int, help="requests that may wait; more get RESOURCE_EXHAUSTED")
+    serve.add_argument("--grace", type=float, help="seconds in-flight work may finish on shutdown")
+    serve.add_argument("--no-warmup", dest="warmup", action="store_const", const=False, help="skip warm-up")
+    serve.add_argument(
+        "--allow-pickle",
+        action="store_const",
+        const=True,
+        help="also load .bin (pickle) weights; by default only safetensors load",
+    )
+
+    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight checkpoint (offline)")
+    tiny.add_argument("--family", default="sd15", help="sd15, sdxl or sd15-inpainting")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("out_dir", type=Path)
+
+    demo = commands.add_parser("demo", help="build a tiny model, serve it, and generate for all three tasks")
+    demo.add_argument("--out", type=Path, default=Path("autopipeline-demo"), help="where images are written")
+    demo.add_argument("--family", default="sd15", help="tiny model family (sd15 or sdxl)")
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    """Our log lines at `level`; the libraries' progress bars and advice only when debugging."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if level != "DEBUG":
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+
+        for library in (diffusers_logging, transformers_logging):
+            library.set_verbosity_error()
+            library.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    if args.command == "tiny-model":
+        from autopipeline_server.tiny import build_tiny_checkpoint
+
+        try:
+            path = build_tiny_checkpoint(args.family, args.out_dir, seed=args.seed)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(path)
+        return 0
+    if args.command == "demo":
+        from autopipeline_server.demo import run_demo
+
+        return asyncio.run(run_demo(args.out, family=args.family))
+
+    flags = {
+        key: getattr(args, key)
+        for key in (
+            "models",
+            "host",
+            "port",
+            "device",
+            "dtype",
+            "max_queue",
+            "grace",
+            "warmup",
+            "allow_pickle",
+        )
+    }
+    try:
+        settings = load_settings(flags, os.environ, config_file=args.config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from autopipeline_server.server import serve
+
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

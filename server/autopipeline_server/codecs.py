@@ -1,0 +1,98 @@
+"""Image decoding (with a decompression-bomb guard), encoding and chunking for the wire."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+import PIL.Image
+from PIL import UnidentifiedImageError
+
+from autopipeline_server.errors import InvalidRequest
+
+ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+DEFAULT_QUALITY = 90
+
+
+class OutputFormat(Enum):
+    """Encodings the server can return."""
+
+    PNG = "PNG"
+    JPEG = "JPEG"
+    WEBP = "WEBP"
+
+    @property
+    def mime_type(self) -> str:
+        return f"image/{self.value.lower()}"
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    mime_type: str
+
+
+def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str = "RGB") -> PIL.Image.Image:
+    """Decodes PNG/JPEG/WebP bytes into an image of `mode`.
+
+    The header is read first and the pixel count checked before any pixel data is decoded, so a
+    small file that claims enormous dimensions costs nothing.
+    """
+    if not data:
+        raise InvalidRequest.field(field, "is required for this task and must hold PNG, JPEG or WebP bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(io.BytesIO(data), formats=ACCEPTED_INPUT_FORMATS)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidRequest.field(
+                    field, f"is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                )
+            image.load()
+    except InvalidRequest:
+        raise
+    except (
+        UnidentifiedImageError,
+        PIL.Image.DecompressionBombError,
+        PIL.Image.DecompressionBombWarning,
+    ) as err:
+        raise InvalidRequest.field(
+            field, f"cannot be decoded as PNG, JPEG or WebP ({type(err).__name__})", reason="INVALID_IMAGE"
+        ) from err
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise InvalidRequest.field(field, f"is truncated or corrupt ({err})", reason="INVALID_IMAGE") from err
+    if mode == "RGB" and image.mode in ("RGBA", "LA", "P"):
+        # Composite transparency onto white rather than letting convert() drop alpha to black.
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert(mode)
+
+
+def encode_image(image: PIL.Image.Image, fmt: OutputFormat, quality: int = DEFAULT_QUALITY) -> EncodedImage:
+    """Encodes an image; `quality` applies to JPEG and WebP."""
+    buffer = io.BytesIO()
+    if fmt is OutputFormat.PNG:
+        image.save(buffer, format="PNG")
+    elif fmt is OutputFormat.JPEG:
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    else:
+        image.save(buffer, format="WEBP", quality=quality)
+    return EncodedImage(buffer.getvalue(), fmt.mime_type)
+
+
+def chunks(data: bytes, size: int) -> Iterator[bytes]:
+    """Splits `data` into consecutive pieces of at most `size` bytes (one empty piece for no data)."""
+    if not data:
+        yield b""
+        return
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def chunk_count(data: bytes, size: int) -> int:
+    return max(1, -(-len(data) // size))

@@ -1,0 +1,296 @@
+"""Converts between autopipeline.v1 protobuf messages and domain objects, validating what arrives."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import diffusers
+import torch
+from autopipeline.v1 import autopipeline_pb2 as pb
+from google.protobuf import duration_pb2, json_format, struct_pb2
+
+from autopipeline_server import __version__
+from autopipeline_server.codecs import (
+    DEFAULT_QUALITY,
+    EncodedImage,
+    OutputFormat,
+    chunk_count,
+    chunks,
+    decode_image,
+)
+from autopipeline_server.domain import GenerationRequest, ModelState, Preview, Progress, Queued, Started, Task
+from autopipeline_server.errors import InvalidRequest
+from autopipeline_server.pipelines import TaskPipeline
+from autopipeline_server.registry import ModelEntry
+from autopipeline_server.settings import Limits, Settings
+
+TASKS = {
+    pb.TASK_TEXT_TO_IMAGE: Task.TEXT_TO_IMAGE,
+    pb.TASK_IMAGE_TO_IMAGE: Task.IMAGE_TO_IMAGE,
+    pb.TASK_INPAINTING: Task.INPAINTING,
+}
+TASKS_TO_WIRE = {task: value for value, task in TASKS.items()}
+FORMATS = {
+    pb.IMAGE_FORMAT_UNSPECIFIED: OutputFormat.PNG,
+    pb.IMAGE_FORMAT_PNG: OutputFormat.PNG,
+    pb.IMAGE_FORMAT_JPEG: OutputFormat.JPEG,
+    pb.IMAGE_FORMAT_WEBP: OutputFormat.WEBP,
+}
+STATES = {
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+}
+
+
+class _Violations:
+    """Collects every problem with a request so the caller learns them all at once."""
+
+    def __init__(self) -> None:
+        self.errors: list[InvalidRequest] = []
+
+    def add(self, field: str, description: str, *, reason: str | None = None) -> None:
+        self.errors.append(InvalidRequest.field(field, description, reason=reason))
+
+    def raise_if_any(self) -> None:
+        if not self.errors:
+            return
+        reasons = {e.reason for e in self.errors}
+        raise InvalidRequest(
+            "; ".join(e.message for e in self.errors),
+            [v for e in self.errors for v in e.violations],
+            reason=reasons.pop() if len(reasons) == 1 else None,
+        )
+
+
+def output_format(request: pb.GenerateRequest) -> tuple[OutputFormat, int]:
+    """The requested encoding and quality (validated in `generation_request`)."""
+    return FORMATS.get(request.output_format, OutputFormat.PNG), request.output_quality or DEFAULT_QUALITY
+
+
+def generation_request(request: pb.GenerateRequest, limits: Limits) -> GenerationRequest:
+    """Validates the wire request against the server's limits and the task's fields."""
+    v = _Violations()
+    task = TASKS.get(request.task)
+    if task is None:
+        v.add("task", "must be TASK_TEXT_TO_IMAGE, TASK_IMAGE_TO_IMAGE or TASK_INPAINTING")
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(request, name)
+        if len(text) > limits.max_prompt_length:
+            v.add(name, f"is {len(text)} characters; the limit is {limits.max_prompt_length}")
+    for name, maximum in (("width", limits.max_width), ("height", limits.max_height)):
+        if request.HasField(name) and not 1 <= getattr(request, name) <= maximum:  # type: ignore[arg-type]
+            v.add(name, f"must be between 1 and {maximum}, got {getattr(request, name)}")
+    if request.HasField("num_inference_steps") and not (
+        1 <= request.num_inference_steps <= limits.max_num_inference_steps
+    ):
+        v.add(
+            "num_inference_steps",
+            f"must be between 1 and {limits.max_num_inference_steps}, got {request.num_inference_steps}",
+        )
+    num_images = request.num_images or 1
+    if num_images > limits.max_num_images:
+        v.add("num_images", f"must be at most {limits.max_num_images}, got {num_images}")
+    if request.HasField("guidance_scale") and not math.isfinite(request.guidance_scale):
+        v.add("guidance_scale", "must be a finite number")
+    if request.output_format not in FORMATS:
+        v.add("output_format", f"unknown value {request.output_format}")
+    if request.output_quality > 100:
+        v.add("output_quality", f"must be between 1 and 100 (0 = default), got {request.output_quality}")
+    if request.output_quality and FORMATS.get(request.output_format) is OutputFormat.PNG:
+        v.add("output_quality", "applies to JPEG and WebP only", reason="FIELD_NOT_APPLICABLE")
+    parameters: dict[str, Any] = {}
+    if request.HasField("parameters"):
+        if len(request.parameters.fields) > limits.max_parameters:
+            v.add(
+                "parameters",
+                f"has {len(request.parameters.fields)} entries; the limit is {limits.max_parameters}",
+            )
+        parameters = json_format.MessageToDict(request.parameters)
+
+    has_mask = request.HasField("mask_image")
+    if task is Task.TEXT_TO_IMAGE:
+        for name in ("image", "mask_image", "strength"):
+            if request.HasField(name):  # type: ignore[arg-type]
+                v.add(name, "does not apply to text-to-image", reason="FIELD_NOT_APPLICABLE")
+    if task is Task.IMAGE_TO_IMAGE and has_mask:
+        v.add(
+            "mask_image",
+            "does not apply to image-to-image; use TASK_INPAINTING",
+            reason="FIELD_NOT_APPLICABLE",
+        )
+    if request.HasField("strength") and not (0 < request.strength <= 1):
+        v.add("strength", f"must be in (0, 1], got {request.strength}")
+
+    image = mask = None
+    if task in (Task.IMAGE_TO_IMAGE, Task.INPAINTING):
+        try:
+            image = decode_image(request.image.data, field="image", max_pixels=limits.max_input_pixels)
+        except InvalidRequest as err:
+            v.errors.append(err)
+    if task is Task.INPAINTING:
+        try:
+            mask = decode_image(
+                request.mask_image.data, field="mask_image", max_pixels=limits.max_input_pixels, mode="L"
+            )
+        except InvalidRequest as err:
+            v.errors.append(err)
+    v.raise_if_any()
+    assert task is not None
+    return GenerationRequest(
+        model=request.model,
+        task=task,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        width=request.width if request.HasField("width") else None,
+        height=request.height if request.HasField("height") else None,
+        num_inference_steps=request.num_inference_steps if request.HasField("num_inference_steps") else None,
+        guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
+        strength=request.strength if request.HasField("strength") else None,
+        num_images=num_images,
+        seed=request.seed if request.HasField("seed") else None,
+        image=image,
+        mask_image=mask,
+        scheduler=request.scheduler,
+        preview_interval=request.preview_interval,
+        parameters=parameters,
+    )
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(values)
+    return s
+
+
+def queued_event(event: Queued) -> pb.GenerateResponse:
+    return pb.GenerateResponse(queued=pb.Queued(position=event.position, queue_depth=event.depth))
+
+
+def started_event(event: Started) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        started=pb.Started(
+            model=event.model,
+            pipeline_class=event.pipeline_class,
+            total_steps=event.total_steps,
+            seeds=list(event.seeds),
+            batch_size=event.batch_size,
+            width=event.width,
+            height=event.height,
+            scheduler=event.scheduler,
+        )
+    )
+
+
+def progress_event(event: Progress) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        progress=pb.Progress(step=event.step, total_steps=event.total_steps, elapsed=duration(event.elapsed))
+    )
+
+
+def preview_event(event: Preview, encoded: EncodedImage) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        preview=pb.Preview(
+            step=event.step, index=event.index, image=pb.Image(data=encoded.data, mime_type=encoded.mime_type)
+        )
+    )
+
+
+def image_events(
+    index: int, seed: int, size: tuple[int, int], encoded: EncodedImage, chunk_bytes: int
+) -> Iterator[pb.GenerateResponse]:
+    """One `image` event per chunk of the encoded image; every message stays under the size limit."""
+    count = chunk_count(encoded.data, chunk_bytes)
+    for chunk_index, data in enumerate(chunks(encoded.data, chunk_bytes)):
+        yield pb.GenerateResponse(
+            image=pb.GeneratedImage(
+                index=index,
+                seed=seed,
+                width=size[0],
+                height=size[1],
+                image=pb.Image(data=data, mime_type=encoded.mime_type),
+                chunk_index=chunk_index,
+                chunk_count=count,
+            )
+        )
+
+
+def _value(value: Any) -> struct_pb2.Value:
+    holder = struct_pb2.Struct()
+    holder.update({"v": value})
+    return holder.fields["v"]
+
+
+def task_info(target: TaskPipeline) -> pb.TaskInfo:
+    return pb.TaskInfo(
+        task=TASKS_TO_WIRE[target.task],
+        pipeline_class=target.pipeline_class,
+        parameters=[
+            pb.ParameterInfo(
+                name=info.name,
+                type=info.type_name,
+                has_default=info.has_default,
+                default_value=_value(info.default) if info.has_default else None,
+            )
+            for info in target.accepted.values()
+        ],
+        schedulers=list(target.schedulers),
+        default_scheduler=target.default_scheduler,
+        default_width=target.default_size[0],
+        default_height=target.default_size[1],
+        supports_previews=target.supports_previews,
+    )
+
+
+def model_info(entry: ModelEntry, *, default_model: str, device: str, dtype: str) -> pb.ModelInfo:
+    info = pb.ModelInfo(
+        name=entry.spec.name,
+        source=entry.spec.source,
+        state=STATES[entry.state],
+        state_reason=entry.reason,
+        is_default=entry.spec.name == default_model,
+        device=device,
+        dtype=dtype,
+    )
+    model = entry.model
+    if model is not None:
+        info.family = model.family
+        info.checkpoint_class = model.checkpoint_class
+        info.parameter_bytes = model.parameter_bytes
+        info.device = str(model.device)
+        info.dtype = str(model.dtype).removeprefix("torch.")
+        info.tasks.extend(task_info(target) for target in model.tasks.values())
+    return info
+
+
+def server_info(settings: Settings, *, device: str, queue_depth: int, running: int) -> pb.ServerInfo:
+    limits = settings.limits
+    return pb.ServerInfo(
+        version=__version__,
+        diffusers_version=diffusers.__version__,
+        torch_version=torch.__version__,
+        device=device,
+        default_model=settings.default_model,
+        queue_depth=queue_depth,
+        running=running,
+        limits=pb.Limits(
+            max_width=limits.max_width,
+            max_height=limits.max_height,
+            max_num_inference_steps=limits.max_num_inference_steps,
+            max_num_images=limits.max_num_images,
+            max_prompt_length=limits.max_prompt_length,
+            max_parameters=limits.max_parameters,
+            max_input_pixels=limits.max_input_pixels,
+            max_queue=settings.max_queue,
+            max_request_bytes=limits.max_request_bytes,
+            image_chunk_bytes=limits.image_chunk_bytes,
+        ),
+    )

@@ -1,0 +1,105 @@
+"""Domain errors raised below the gRPC layer; `status.py` maps them to gRPC statuses in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One problem with one request field, named as the caller wrote it (`width`, `parameters.eta`)."""
+
+    field: str
+    description: str
+
+
+class ServingError(Exception):
+    """Base of every error a request can end with. `reason` is the stable ErrorInfo reason."""
+
+    reason = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, *, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = dict(metadata or {})
+
+
+class InvalidRequest(ServingError):
+    """The request is malformed or out of range (INVALID_ARGUMENT)."""
+
+    reason = "INVALID_REQUEST"
+
+    def __init__(
+        self,
+        message: str,
+        violations: Iterable[FieldViolation] = (),
+        *,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.violations = tuple(violations)
+        if reason is not None:
+            self.reason = reason
+
+    @classmethod
+    def field(cls, field: str, description: str, *, reason: str | None = None) -> InvalidRequest:
+        """An error about a single field; the message names the field."""
+        return cls(f"{field}: {description}", [FieldViolation(field, description)], reason=reason)
+
+
+class ModelNotFound(ServingError):
+    """The request names no served model (NOT_FOUND)."""
+
+    reason = "MODEL_NOT_FOUND"
+
+
+class TaskNotSupported(ServingError):
+    """The model cannot perform the task (FAILED_PRECONDITION)."""
+
+    reason = "TASK_NOT_SUPPORTED"
+
+
+class ModelFailed(ServingError):
+    """The model failed to load and cannot serve (FAILED_PRECONDITION)."""
+
+    reason = "MODEL_FAILED"
+
+
+class ModelLoading(ServingError):
+    """The model is not ready yet (UNAVAILABLE)."""
+
+    reason = "MODEL_LOADING"
+
+
+class ShuttingDown(ServingError):
+    """The server is draining and takes no new work (UNAVAILABLE)."""
+
+    reason = "SHUTTING_DOWN"
+
+
+class QueueFull(ServingError):
+    """The queue is full (RESOURCE_EXHAUSTED); `retry_after` seconds is a hint for the caller."""
+
+    reason = "QUEUE_FULL"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OutOfMemory(ServingError):
+    """The device ran out of memory for this request (RESOURCE_EXHAUSTED)."""
+
+    reason = "OUT_OF_MEMORY"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestCancelled(ServingError):
+    """The caller went away or its deadline passed; nothing is sent back."""
+
+    reason = "CANCELLED"

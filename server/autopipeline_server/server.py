@@ -1,0 +1,141 @@
+"""Wires the gRPC server: service, health, reflection, the worker and the models; runs and drains it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from autopipeline.v1 import autopipeline_pb2 as pb
+from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # grpc-stubs predate aio
+from grpc_reflection.v1alpha import reflection
+
+from autopipeline_server.domain import ModelState
+from autopipeline_server.pipelines import resolve_device, resolve_dtype
+from autopipeline_server.registry import ModelEntry, ModelRegistry
+from autopipeline_server.servicer import AutoPipelineServicer
+from autopipeline_server.settings import Settings, describe
+from autopipeline_server.worker import InferenceWorker
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoPipelineService"].full_name
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class RunningServer:
+    """A started server: the gRPC server, its bound port, and the parts that need shutting down."""
+
+    server: grpc.aio.Server
+    port: int
+    settings: Settings
+    registry: ModelRegistry
+    worker: InferenceWorker
+    health: health_aio.HealthServicer
+    loading: asyncio.Task[None]
+
+    async def wait_until_loaded(self) -> None:
+        """Returns when every configured model has finished loading (ready or failed)."""
+        await asyncio.shield(self.loading)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: health turns NOT_SERVING, new requests get UNAVAILABLE, in-flight work gets `grace`."""
+        grace = self.settings.grace if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.worker.drain(grace)
+        await self.server.stop(grace=1.0)
+        self.loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.loading
+        await self.worker.close()
+
+
+async def create_server(settings: Settings) -> RunningServer:
+    """Builds, binds and starts the server; models load in the background while health says NOT_SERVING."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    health_servicer = health_aio.HealthServicer()
+
+    async def publish(entry: ModelEntry) -> None:
+        await health_servicer.set(
+            entry.spec.name, SERVING if entry.state is ModelState.READY else NOT_SERVING
+        )
+
+    pending_updates: set[asyncio.Task[None]] = set()
+
+    def on_state_change(entry: ModelEntry) -> None:
+        task = asyncio.get_running_loop().create_task(publish(entry))
+        pending_updates.add(task)
+        task.add_done_callback(pending_updates.discard)
+
+    registry = ModelRegistry(settings, device=device, dtype=dtype, on_state_change=on_state_change)
+    worker = InferenceWorker(max_queue=settings.max_queue)
+    servicer = AutoPipelineServicer(settings, registry, worker)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
+            ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_AutoPipelineServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    for name in ("", SERVICE_NAME, *registry.entries):
+        await health_servicer.set(name, NOT_SERVING)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {settings.host}:{settings.port}")
+    await server.start()
+    worker.start()
+    log.info(
+        "listening on %s:%d (device %s, dtype %s); settings %s",
+        settings.host,
+        port,
+        device,
+        dtype,
+        describe(settings),
+    )
+
+    async def load() -> None:
+        await registry.load_all(worker, warm=settings.warmup)
+        await asyncio.gather(*pending_updates)
+        ready = [e for e in registry.entries.values() if e.state is ModelState.READY]
+        overall = SERVING if ready else NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, overall)
+        log.info(
+            "%d of %d models ready; health %s",
+            len(ready),
+            len(registry.entries),
+            health_pb2.HealthCheckResponse.ServingStatus.Name(overall),
+        )
+
+    loading = asyncio.get_running_loop().create_task(load(), name="load-models")
+    return RunningServer(server, port, settings, registry, worker, health_servicer, loading)
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then drains within `settings.grace` seconds."""
+    running = await create_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"autopipeline-server listening on {settings.host}:{running.port}", flush=True)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.1fs", settings.grace)
+    await running.stop()
+    log.info("stopped")

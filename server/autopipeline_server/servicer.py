@@ -1,0 +1,118 @@
+"""The AutoPipelineService servicer: converts and validates, hands work to the runtime, streams events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from autopipeline.v1 import autopipeline_pb2 as pb
+from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
+
+from autopipeline_server import convert
+from autopipeline_server.codecs import encode_image
+from autopipeline_server.domain import Finished, Preview, Progress, Queued, Started
+from autopipeline_server.errors import InvalidRequest, ServingError
+from autopipeline_server.pipelines import PipelineRejected, prepare_call
+from autopipeline_server.registry import ModelRegistry
+from autopipeline_server.settings import Settings
+from autopipeline_server.status import REQUEST_ID_KEY, abort
+from autopipeline_server.worker import InferenceWorker
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[object, object]
+
+
+class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
+    """Implements autopipeline.v1.AutoPipelineService on top of the registry and the worker."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, worker: InferenceWorker) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._worker = worker
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        request_id = uuid.uuid4().hex
+        arrived = time.perf_counter()
+        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        try:
+            domain_request = convert.generation_request(request, self._settings.limits)
+            model = self._registry.get(domain_request.model)
+            call = prepare_call(model, domain_request)
+            job = self._worker.submit(call)
+        except Exception as err:
+            await abort(context, err, request_id)
+        fmt, quality = convert.output_format(request)
+        chunk_bytes = self._settings.limits.image_chunk_bytes
+        try:
+            async for event in job.events():
+                if isinstance(event, Queued):
+                    yield convert.queued_event(event)
+                elif isinstance(event, Started):
+                    yield convert.started_event(event)
+                elif isinstance(event, Progress):
+                    yield convert.progress_event(event)
+                elif isinstance(event, Preview):
+                    encoded = await asyncio.to_thread(encode_image, event.image, fmt, quality)
+                    yield convert.preview_event(event, encoded)
+                elif isinstance(event, Finished):
+                    encoding_started = time.perf_counter()
+                    for index, (image, seed) in enumerate(zip(event.images, event.seeds, strict=True)):
+                        encoded = await asyncio.to_thread(encode_image, image, fmt, quality)
+                        for message in convert.image_events(index, seed, image.size, encoded, chunk_bytes):
+                            yield message
+                    now = time.perf_counter()
+                    yield pb.GenerateResponse(
+                        completed=pb.Completed(
+                            timings=pb.Timings(
+                                queued=convert.duration(event.queued_seconds),
+                                running=convert.duration(event.running_seconds),
+                                encoding=convert.duration(now - encoding_started),
+                                total=convert.duration(now - arrived),
+                            ),
+                            parameters=convert.struct(event.parameters),
+                            model=event.model,
+                            pipeline_class=event.pipeline_class,
+                            num_images=len(event.images),
+                        )
+                    )
+        except PipelineRejected as err:
+            rejected = InvalidRequest(f"{call.target.pipeline_class} rejected the request: {err}")
+            await abort(context, rejected, request_id)
+        except ServingError as err:
+            await abort(context, err, request_id)
+        except asyncio.CancelledError:
+            log.info("request %s: the caller went away", request_id)
+            raise
+        except Exception as err:
+            await abort(context, err, request_id)
+        finally:
+            self._worker.cancel(job)
+
+    async def Inspect(self, request: pb.InspectRequest, context: Context) -> pb.InspectResponse:
+        entries = list(self._registry.entries.values())
+        if request.model:
+            try:
+                entries = [self._registry.entry(request.model)]
+            except ServingError as err:
+                await abort(context, err, uuid.uuid4().hex)
+        device = str(self._registry.device)
+        dtype = str(self._registry.dtype).removeprefix("torch.")
+        return pb.InspectResponse(
+            server=convert.server_info(
+                self._settings,
+                device=device,
+                queue_depth=self._worker.queue_depth,
+                running=self._worker.running,
+            ),
+            models=[
+                convert.model_info(e, default_model=self._registry.default_model, device=device, dtype=dtype)
+                for e in entries
+            ],
+        )

@@ -1,0 +1,229 @@
+"""Server settings: one frozen object built from defaults, a config file, environment variables and flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import yaml
+
+MiB = 1024 * 1024
+ENV_PREFIX = "AUTOPIPELINE_"
+DEVICES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """The operator's configuration is invalid; the message says which setting and why."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to serve: the name requests use and where its weights are (a directory or a hub id)."""
+
+    name: str
+    source: str
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """Parses `NAME=SOURCE`; a bare SOURCE is named after its last path component."""
+        name, sep, source = text.partition("=")
+        if not sep:
+            source = text
+            name = Path(text.rstrip("/")).name
+        name, source = name.strip(), source.strip()
+        if not _MODEL_NAME.match(name):
+            raise ConfigError(f"model name {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
+        if not source:
+            raise ConfigError(f"model {name!r} has no source")
+        return cls(name=name, source=source)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; defaults admit what users of SDXL-class models ask for."""
+
+    max_width: int = 2048
+    max_height: int = 2048
+    max_num_inference_steps: int = 500
+    max_num_images: int = 32
+    max_prompt_length: int = 10_000
+    max_parameters: int = 32
+    max_input_pixels: int = 4096 * 4096
+    max_request_bytes: int = 32 * MiB
+    # Image bytes per response message: keeps every message under 4 MiB, any client's default.
+    image_chunk_bytes: int = 3 * MiB
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"limits.{f.name} must be a positive integer, got {value!r}")
+        if self.image_chunk_bytes > 4 * MiB - 64 * 1024:
+            raise ConfigError("limits.image_chunk_bytes must leave room under the 4 MiB message limit")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to start; nothing else reads the environment."""
+
+    models: tuple[ModelSpec, ...] = ()
+    host: str = "[::]"
+    port: int = 50051
+    device: str = "auto"
+    dtype: str = "auto"
+    max_queue: int = 64
+    warmup: bool = True
+    grace: float = 30.0
+    allow_pickle: bool = False
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0].name if self.models else ""
+
+    def validate(self) -> Settings:
+        if not self.models:
+            raise ConfigError(
+                "no model configured: pass --model NAME=SOURCE or list models in the config file"
+            )
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"model names must be unique: {', '.join(duplicates)}")
+        if not DEVICES.match(self.device):
+            raise ConfigError(f"device {self.device!r} must be auto, cpu, mps, cuda or cuda:N")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} must be one of {', '.join(DTYPES)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is out of range")
+        if self.max_queue < 1:
+            raise ConfigError("max_queue must be at least 1")
+        if self.grace < 0:
+            raise ConfigError("grace must not be negative")
+        self.limits.validate()
+        return self
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Reads a TOML (.toml) or YAML (.yaml/.yml) config file into a plain mapping."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {p}: {err.strerror}") from err
+    try:
+        data: Any = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {p} is not valid: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def _coerce(name: str, value: Any, target: Any) -> Any:
+    """Converts a config/env value to the type of the default it replaces."""
+    kind = type(target)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}") from err
+
+
+def _models_from(value: Any) -> tuple[ModelSpec, ...]:
+    if isinstance(value, str):
+        return tuple(ModelSpec.parse(part) for part in value.split(",") if part.strip())
+    if isinstance(value, Mapping):
+        return tuple(ModelSpec.parse(f"{k}={v}") for k, v in value.items())
+    if isinstance(value, Sequence):
+        specs = []
+        for item in value:
+            if isinstance(item, ModelSpec):
+                specs.append(item)
+            elif isinstance(item, str):
+                specs.append(ModelSpec.parse(item))
+            elif isinstance(item, Mapping) and set(item) == {"name", "source"}:
+                specs.append(ModelSpec.parse(f"{item['name']}={item['source']}"))
+            else:
+                raise ConfigError(f"a model entry must be NAME=SOURCE or {{name, source}}, got {item!r}")
+        return tuple(specs)
+    raise ConfigError(f"models must be a list, got {value!r}")
+
+
+def _apply(settings: Settings, values: Mapping[str, Any], origin: str) -> Settings:
+    top = {f.name: f for f in dataclasses.fields(Settings)}
+    limit_names = {f.name for f in dataclasses.fields(Limits)}
+    changes: dict[str, Any] = {}
+    limits = settings.limits
+    for key, value in values.items():
+        if key == "models":
+            changes["models"] = _models_from(value)
+        elif key == "limits":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{origin}: limits must be a mapping")
+            for lkey, lvalue in value.items():
+                if lkey not in limit_names:
+                    raise ConfigError(
+                        f"{origin}: unknown limit {lkey!r}; known: {', '.join(sorted(limit_names))}"
+                    )
+                limits = dataclasses.replace(
+                    limits, **{lkey: _coerce(f"limits.{lkey}", lvalue, getattr(limits, lkey))}
+                )
+        elif key in limit_names:
+            limits = dataclasses.replace(limits, **{key: _coerce(key, value, getattr(limits, key))})
+        elif key in top:
+            changes[key] = _coerce(key, value, getattr(settings, key))
+        else:
+            known = sorted([*top, *limit_names])
+            raise ConfigError(f"{origin}: unknown setting {key!r}; known: {', '.join(known)}")
+    return dataclasses.replace(settings, limits=limits, **changes)
+
+
+def load_settings(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+) -> Settings:
+    """Builds validated settings: defaults < config file < AUTOPIPELINE_* variables < flags.
+
+    `flags` holds only the flags the operator gave (None values are ignored); `models` flags replace
+    the configured list rather than extending it, so the first `--model` is the default model.
+    """
+    settings = Settings()
+    config_path = config_file or environ.get(f"{ENV_PREFIX}CONFIG")
+    if config_path:
+        settings = _apply(settings, read_config_file(config_path), str(config_path))
+    env_values = {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in environ.items()
+        if key.startswith(ENV_PREFIX) and key != f"{ENV_PREFIX}CONFIG"
+    }
+    settings = _apply(settings, env_values, "environment")
+    settings = _apply(settings, {k: v for k, v in flags.items() if v is not None}, "flags")
+    return settings.validate()
+
+
+def describe(settings: Settings) -> str:
+    """A one-line JSON summary for the start-up log."""
+    return json.dumps(dataclasses.asdict(settings), default=str, sort_keys=True)

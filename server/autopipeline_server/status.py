@@ -1,0 +1,96 @@
+"""Maps domain errors to gRPC statuses with google.rpc details, in this one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from autopipeline_server.errors import (
+    InvalidRequest,
+    ModelFailed,
+    ModelLoading,
+    ModelNotFound,
+    OutOfMemory,
+    QueueFull,
+    RequestCancelled,
+    ServingError,
+    ShuttingDown,
+    TaskNotSupported,
+)
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "autopipeline.v1"
+REQUEST_ID_KEY = "x-request-id"
+
+_CODES: list[tuple[type[ServingError], grpc.StatusCode]] = [
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (TaskNotSupported, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelFailed, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelLoading, grpc.StatusCode.UNAVAILABLE),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (OutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RequestCancelled, grpc.StatusCode.CANCELLED),
+]
+
+
+def code_of(error: ServingError) -> grpc.StatusCode:
+    for cls, code in _CODES:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def _retry_delay(seconds: float) -> duration_pb2.Duration:
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(int(seconds * 1000))
+    return delay
+
+
+def to_status(error: BaseException, request_id: str) -> grpc.Status:
+    """The gRPC status for an error: canonical code, ErrorInfo, and BadRequest or RetryInfo."""
+    if not isinstance(error, ServingError):
+        # A bug: the caller gets a generic message; the log keeps the traceback under the request id.
+        log.error("request %s failed with an internal error", request_id, exc_info=error)
+        error = ServingError(f"internal error; the server log has the details under request id {request_id}")
+    code = code_of(error)
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=DOMAIN, metadata={**error.metadata, "request_id": request_id}
+    )
+    details = [_pack(info)]
+    if isinstance(error, InvalidRequest) and error.violations:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+        details.append(_pack(bad_request))
+    if isinstance(error, (QueueFull, OutOfMemory)):
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_retry_delay(error.retry_after))))
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    assert status.code != code_pb2.OK
+    return rpc_status.to_status(status)
+
+
+async def abort(
+    context: grpc.aio.ServicerContext[object, object], error: BaseException, request_id: str
+) -> NoReturn:
+    """Ends the RPC with the error's status; request id in the trailing metadata."""
+    status = to_status(error, request_id)
+    metadata = (*tuple(status.trailing_metadata or ()), (REQUEST_ID_KEY, request_id))
+    await context.abort(status.code, status.details, metadata)
+    raise AssertionError("context.abort returned")  # pragma: no cover
