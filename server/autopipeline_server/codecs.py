@@ -55,13 +55,12 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str = "RGB")
             image.load()
     except InvalidRequest:
         raise
-    except (
-        UnidentifiedImageError,
-        PIL.Image.DecompressionBombError,
-        PIL.Image.DecompressionBombWarning,
-    ) as err:
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as err:
+        # Pillow's own guard fired on the header, before our pixel check could.
+        raise InvalidRequest.field(field, f"declares more pixels than the limit of {max_pixels}") from err
+    except UnidentifiedImageError as err:
         raise InvalidRequest.field(
-            field, f"cannot be decoded as PNG, JPEG or WebP ({type(err).__name__})", reason="INVALID_IMAGE"
+            field, "cannot be decoded as PNG, JPEG or WebP", reason="INVALID_IMAGE"
         ) from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise InvalidRequest.field(field, f"is truncated or corrupt ({err})", reason="INVALID_IMAGE") from err

@@ -1,0 +1,49 @@
+"""Test helpers: a real server on its own event-loop thread, and small image utilities."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import PIL.Image
+
+from autopipeline.v1 import autopipeline_pb2 as pb
+from autopipeline_server.server import RunningServer, create_server
+from autopipeline_server.settings import Settings
+
+Generate = Callable[..., list[pb.GenerateResponse]]
+
+
+class ServerThread:
+    """Runs a real `grpc.aio` server on its own event loop thread, so tests can use blocking clients."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.validate()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
+        self._thread.start()
+        self.running: RunningServer = self.call(create_server(self.settings))
+        self.call(self.running.wait_until_loaded())
+        self.target = f"127.0.0.1:{self.running.port}"
+
+    def call(self, coroutine: Any, timeout: float = 120) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(timeout)
+
+    def stop(self, grace: float = 5) -> None:
+        try:
+            self.call(self.running.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
+def png_bytes(image: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

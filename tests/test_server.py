@@ -1,0 +1,390 @@
+"""The server end to end over real gRPC: resolution, streaming, determinism, chunking, validation."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import grpc
+import numpy as np
+import PIL.Image
+import pytest
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from autopipeline.v1 import autopipeline_pb2 as pb
+from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
+from autopipeline_server.domain import Task
+
+from .support import Generate, ServerThread
+
+TASKS = [pb.TASK_TEXT_TO_IMAGE, pb.TASK_IMAGE_TO_IMAGE, pb.TASK_INPAINTING]
+EXPECTED_CLASSES = {
+    "sd15": ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"],
+    "sdxl": ["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"],
+}
+
+
+def kinds(events: list[pb.GenerateResponse]) -> list[str]:
+    return [str(e.WhichOneof("event")) for e in events]
+
+
+def images(events: list[pb.GenerateResponse]) -> dict[int, bytes]:
+    """Reassembles chunked image events by index."""
+    assembled: dict[int, bytes] = {}
+    for event in events:
+        if event.HasField("image"):
+            assembled[event.image.index] = assembled.get(event.image.index, b"") + event.image.image.data
+    return assembled
+
+
+def task_inputs(task: int, input_png: bytes, mask_png: bytes) -> dict[str, object]:
+    if task == pb.TASK_TEXT_TO_IMAGE:
+        return {}
+    inputs: dict[str, object] = {"image": pb.Image(data=input_png, mime_type="image/png")}
+    if task == pb.TASK_INPAINTING:
+        inputs["mask_image"] = pb.Image(data=mask_png)
+    return inputs
+
+
+def status_details(err: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, "the error carries no google.rpc.Status details"
+    info = error_details_pb2.ErrorInfo()
+    fields: list[str] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            detail.Unpack(info)
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields.extend(v.field for v in bad.field_violations)
+    return info, fields
+
+
+# ---------------------------------------------------------------------------------------- Inspect
+
+
+def test_inspect_describes_server_and_models(stub: pb_grpc.AutoPipelineServiceStub) -> None:
+    response = stub.Inspect(pb.InspectRequest())
+    assert response.server.version
+    assert response.server.diffusers_version.startswith("0.42")
+    assert response.server.device == "cpu"
+    assert response.server.default_model == "sd15"
+    assert response.server.limits.max_width >= 2048
+    assert response.server.limits.image_chunk_bytes < 4 * 1024 * 1024
+    models = {m.name: m for m in response.models}
+    assert set(models) == {"sd15", "sdxl", "sd15-inpainting", "ddpm"}
+    for name, classes in EXPECTED_CLASSES.items():
+        model = models[name]
+        assert model.state == pb.MODEL_STATE_READY
+        assert model.family == ("stable-diffusion" if name == "sd15" else "stable-diffusion-xl")
+        assert model.dtype == "float32"
+        assert model.parameter_bytes > 0
+        assert [t.task for t in model.tasks] == TASKS
+        assert [t.pipeline_class for t in model.tasks] == classes
+        for info in model.tasks:
+            assert info.default_scheduler in info.schedulers
+            assert (info.default_width, info.default_height) == (64, 64)
+            assert "eta" in {p.name for p in info.parameters}
+            assert not {"generator", "latents", "callback_on_step_end", "prompt"} & {p.name for p in info.parameters}
+    assert models["sd15"].is_default and not models["sdxl"].is_default
+    eta = next(p for p in models["sd15"].tasks[0].parameters if p.name == "eta")
+    assert eta.has_default and eta.default_value.number_value == 0.0 and eta.type == "float"
+
+
+def test_inspect_one_model_and_unknown_model(stub: pb_grpc.AutoPipelineServiceStub) -> None:
+    assert [m.name for m in stub.Inspect(pb.InspectRequest(model="sdxl")).models] == ["sdxl"]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Inspect(pb.InspectRequest(model="nope"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_inpainting_unet_offers_only_inpainting(stub: pb_grpc.AutoPipelineServiceStub) -> None:
+    (model,) = stub.Inspect(pb.InspectRequest(model="sd15-inpainting")).models
+    assert model.checkpoint_class == "StableDiffusionInpaintPipeline"
+    assert [t.task for t in model.tasks] == [pb.TASK_INPAINTING]
+
+
+def test_unsupported_checkpoint_fails_alone(stub: pb_grpc.AutoPipelineServiceStub, generate: Generate) -> None:
+    (model,) = stub.Inspect(pb.InspectRequest(model="ddpm")).models
+    assert model.state == pb.MODEL_STATE_FAILED
+    assert "DDPMPipeline" in model.state_reason and "AutoPipeline" in model.state_reason
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(model="ddpm", task=pb.TASK_TEXT_TO_IMAGE, prompt="x")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_details(caught.value)[0].reason == "MODEL_FAILED"
+    assert generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="x", num_inference_steps=2)[-1].HasField("completed")
+
+
+# --------------------------------------------------------------------------------------- Generate
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+@pytest.mark.parametrize("task", TASKS, ids=["t2i", "i2i", "inpaint"])
+def test_generate_every_family_and_task(
+    stub: pb_grpc.AutoPipelineServiceStub, generate: Generate, input_png: bytes, mask_png: bytes, model: str, task: int
+) -> None:
+    inspected = stub.Inspect(pb.InspectRequest(model=model)).models[0]
+    expected_class = next(t.pipeline_class for t in inspected.tasks if t.task == task)
+    strength = 0.5 if task != pb.TASK_TEXT_TO_IMAGE else None
+    events = generate(
+        model=model,
+        task=task,
+        prompt="a red fox",
+        num_inference_steps=6,
+        seed=1234,
+        strength=strength,
+        **task_inputs(task, input_png, mask_png),
+    )
+    names = kinds(events)
+    assert names[0] == "queued" and names[1] == "started" and names[-1] == "completed"
+    started = events[1].started
+    assert started.pipeline_class == expected_class
+    assert started.model == model and started.seeds == [1234] and started.batch_size == 1
+    expected_steps = int(6 * 0.5) if strength is not None else 6
+    assert started.total_steps == expected_steps
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert [p.step for p in progress] == list(range(1, expected_steps + 1))
+    assert all(p.total_steps == expected_steps for p in progress)
+    (png,) = images(events).values()
+    with PIL.Image.open(io.BytesIO(png)) as decoded:
+        assert decoded.format == "PNG" and decoded.size == (64, 64)
+    completed = events[-1].completed
+    assert completed.pipeline_class == expected_class and completed.num_images == 1
+    assert completed.parameters["num_inference_steps"] == 6
+    assert completed.parameters["seeds"] == [1234]
+    assert completed.timings.running.ToNanoseconds() > 0
+    if strength is not None:
+        assert math.isclose(completed.parameters["strength"], 0.5)
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_same_seed_same_bytes_different_seed_different_bytes(generate: Generate, model: str) -> None:
+    def run(seed: int) -> bytes:
+        return images(generate(model=model, task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=3, seed=seed))[0]
+
+    first, again, other = run(7), run(7), run(8)
+    assert first == again
+    assert first != other
+
+
+def test_image_i_uses_seed_plus_i(generate: Generate) -> None:
+    events = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=3, seed=100, num_images=3)
+    assert events[1].started.seeds == [100, 101, 102]
+    batch = images(events)
+    assert sorted(batch) == [0, 1, 2]
+    assert [e.image.seed for e in events if e.HasField("image")] == [100, 101, 102]
+    alone = images(generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=3, seed=101))[0]
+    assert _max_pixel_difference(batch[1], alone) <= 1
+
+
+def _max_pixel_difference(a: bytes, b: bytes) -> int:
+    with PIL.Image.open(io.BytesIO(a)) as first, PIL.Image.open(io.BytesIO(b)) as second:
+        difference = np.asarray(first.convert("RGB"), np.int16) - np.asarray(second.convert("RGB"), np.int16)
+        return int(np.abs(difference).max())
+
+
+def test_seed_is_drawn_and_echoed_when_absent(generate: Generate) -> None:
+    events = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=2, num_images=2)
+    seeds = list(events[1].started.seeds)
+    assert len(seeds) == 2 and seeds[1] == seeds[0] + 1
+    assert [e.image.seed for e in events if e.HasField("image")] == seeds
+
+
+@pytest.mark.parametrize(
+    ("fmt", "quality", "pil_format"),
+    [(pb.IMAGE_FORMAT_JPEG, 70, "JPEG"), (pb.IMAGE_FORMAT_WEBP, 0, "WEBP"), (pb.IMAGE_FORMAT_PNG, 0, "PNG")],
+)
+def test_output_formats(generate: Generate, fmt: int, quality: int, pil_format: str) -> None:
+    events = generate(
+        task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=2, seed=1, output_format=fmt, output_quality=quality
+    )
+    image_event = next(e.image for e in events if e.HasField("image"))
+    assert image_event.image.mime_type == f"image/{pil_format.lower()}"
+    with PIL.Image.open(io.BytesIO(image_event.image.data)) as decoded:
+        assert decoded.format == pil_format
+
+
+def test_explicit_size_and_img2img_resize(generate: Generate, input_png: bytes) -> None:
+    events = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=2, width=96, height=48, seed=1)
+    with PIL.Image.open(io.BytesIO(images(events)[0])) as decoded:
+        assert decoded.size == (96, 48)
+    assert events[1].started.width == 96 and events[1].started.height == 48
+    events = generate(
+        task=pb.TASK_IMAGE_TO_IMAGE, prompt="p", num_inference_steps=4, image=pb.Image(data=input_png), width=80, height=80
+    )
+    with PIL.Image.open(io.BytesIO(images(events)[0])) as decoded:
+        assert decoded.size == (80, 80)
+
+
+def test_previews_every_n_steps(generate: Generate) -> None:
+    events = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=4, seed=3, preview_interval=2)
+    previews = [e.preview for e in events if e.HasField("preview")]
+    assert [p.step for p in previews] == [2, 4]
+    with PIL.Image.open(io.BytesIO(previews[0].image.data)) as decoded:
+        assert max(decoded.size) <= 256
+
+
+def test_parameters_are_validated_and_passed(generate: Generate) -> None:
+    params = struct_pb2.Struct()
+    params.update({"eta": 0.3, "guidance_rescale": 0.5})
+    events = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=2, seed=1, parameters=params)
+    resolved = events[-1].completed.parameters
+    assert math.isclose(resolved["eta"], 0.3) and math.isclose(resolved["guidance_rescale"], 0.5)
+
+
+def test_scheduler_can_be_chosen(stub: pb_grpc.AutoPipelineServiceStub, generate: Generate) -> None:
+    info = stub.Inspect(pb.InspectRequest(model="sd15")).models[0].tasks[0]
+    other = next(s for s in ("DDIMScheduler", "EulerDiscreteScheduler") if s in info.schedulers and s != info.default_scheduler)
+    events = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=3, seed=1, scheduler=other)
+    assert events[1].started.scheduler == other
+    assert events[-1].completed.parameters["scheduler"] == other
+    default = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=3, seed=1)
+    assert default[1].started.scheduler == info.default_scheduler
+    assert images(events)[0] != images(default)[0]
+
+
+def test_large_image_is_chunked_under_the_default_message_limit(generate: Generate) -> None:
+    # A 1536x1536 PNG of the tiny model's noisy output is ~4.8 MB: more than one 4 MiB message.
+    events = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=1, seed=5, width=1536, height=1536)
+    chunks = [e.image for e in events if e.HasField("image")]
+    assert len(chunks) >= 2
+    assert [c.chunk_index for c in chunks] == list(range(len(chunks)))
+    assert {c.chunk_count for c in chunks} == {len(chunks)}
+    assert all(e.ByteSize() < 4 * 1024 * 1024 for e in events)
+    data = images(events)[0]
+    assert len(data) > 4 * 1024 * 1024
+    with PIL.Image.open(io.BytesIO(data)) as decoded:
+        assert decoded.size == (1536, 1536)
+
+
+def test_task_pipelines_share_modules(server: ServerThread) -> None:
+    model = server.running.registry.get("sdxl")
+    pipes = [model.tasks[task].pipe for task in Task]
+    names = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    for name in names:
+        assert len({id(getattr(p, name)) for p in pipes}) == 1, name
+    weights = {p.unet.conv_in.weight.data_ptr() for p in pipes}
+    assert len(weights) == 1
+
+
+# ------------------------------------------------------------------------------------- validation
+
+BAD_IMAGE = pb.Image(data=b"definitely not an image")
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "violations"),
+    [
+        ({"prompt": "x"}, grpc.StatusCode.INVALID_ARGUMENT, ["task"]),
+        ({"task": 9, "prompt": "x"}, grpc.StatusCode.INVALID_ARGUMENT, ["task"]),
+        ({"task": pb.TASK_IMAGE_TO_IMAGE, "prompt": "x"}, grpc.StatusCode.INVALID_ARGUMENT, ["image"]),
+        ({"task": pb.TASK_IMAGE_TO_IMAGE, "image": BAD_IMAGE}, grpc.StatusCode.INVALID_ARGUMENT, ["image"]),
+        ({"task": pb.TASK_INPAINTING, "image": "INPUT"}, grpc.StatusCode.INVALID_ARGUMENT, ["mask_image"]),
+        ({"task": pb.TASK_INPAINTING, "image": "INPUT", "mask_image": BAD_IMAGE}, grpc.StatusCode.INVALID_ARGUMENT, ["mask_image"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "image": "INPUT"}, grpc.StatusCode.INVALID_ARGUMENT, ["image"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "strength": 0.5}, grpc.StatusCode.INVALID_ARGUMENT, ["strength"]),
+        ({"task": pb.TASK_IMAGE_TO_IMAGE, "image": "INPUT", "mask_image": "MASK"}, grpc.StatusCode.INVALID_ARGUMENT, ["mask_image"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "width": 65}, grpc.StatusCode.INVALID_ARGUMENT, ["width"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "height": 100}, grpc.StatusCode.INVALID_ARGUMENT, ["height"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "width": 4096}, grpc.StatusCode.INVALID_ARGUMENT, ["width"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "width": 0}, grpc.StatusCode.INVALID_ARGUMENT, ["width"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "num_inference_steps": 501}, grpc.StatusCode.INVALID_ARGUMENT, ["num_inference_steps"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "num_inference_steps": 0}, grpc.StatusCode.INVALID_ARGUMENT, ["num_inference_steps"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "num_images": 9}, grpc.StatusCode.INVALID_ARGUMENT, ["num_images"]),
+        ({"task": pb.TASK_IMAGE_TO_IMAGE, "image": "INPUT", "strength": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, ["strength"]),
+        ({"task": pb.TASK_IMAGE_TO_IMAGE, "image": "INPUT", "strength": 0.1, "num_inference_steps": 5}, grpc.StatusCode.INVALID_ARGUMENT, ["strength"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "scheduler": "NoSuchScheduler"}, grpc.StatusCode.INVALID_ARGUMENT, ["scheduler"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "parameters": {"no_such_argument": 1}}, grpc.StatusCode.INVALID_ARGUMENT, ["parameters.no_such_argument"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "parameters": {"generator": 1}}, grpc.StatusCode.INVALID_ARGUMENT, ["parameters.generator"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "parameters": {"eta": "fast"}}, grpc.StatusCode.INVALID_ARGUMENT, ["parameters.eta"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "parameters": {"num_inference_steps": 3}}, grpc.StatusCode.INVALID_ARGUMENT, ["parameters.num_inference_steps"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "output_quality": 50}, grpc.StatusCode.INVALID_ARGUMENT, ["output_quality"]),
+        ({"task": pb.TASK_TEXT_TO_IMAGE, "model": "nope"}, grpc.StatusCode.NOT_FOUND, []),
+        ({"task": pb.TASK_IMAGE_TO_IMAGE, "model": "sd15-inpainting", "image": "INPUT"}, grpc.StatusCode.FAILED_PRECONDITION, []),
+    ],
+)
+def test_bad_requests_get_precise_statuses_and_the_server_keeps_serving(
+    generate: Generate, input_png: bytes, mask_png: bytes, fields: dict[str, object], code: grpc.StatusCode, violations: list[str]
+) -> None:
+    request: dict[str, object] = {"prompt": "x", "num_inference_steps": 2, **fields}
+    for key, value in list(request.items()):
+        if value == "INPUT":
+            request[key] = pb.Image(data=input_png)
+        elif value == "MASK":
+            request[key] = pb.Image(data=mask_png)
+        elif key == "parameters":
+            params = struct_pb2.Struct()
+            params.update(value)  # type: ignore[arg-type]
+            request[key] = params
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(**request)
+    assert caught.value.code() == code, caught.value.details()
+    info, fields_at_fault = status_details(caught.value)
+    assert info.domain == "autopipeline.v1" and info.reason
+    assert fields_at_fault == violations
+    for field in violations:
+        assert field in caught.value.details()
+    assert "Traceback" not in caught.value.details()
+    # ...and the next request succeeds.
+    assert kinds(generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="ok", num_inference_steps=2))[-1] == "completed"
+
+
+def test_mask_must_match_image_size(generate: Generate, input_png: bytes) -> None:
+    small_mask = PIL.Image.new("L", (32, 32), 255)
+    buffer = io.BytesIO()
+    small_mask.save(buffer, format="PNG")
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(
+            task=pb.TASK_INPAINTING, prompt="x", image=pb.Image(data=input_png), mask_image=pb.Image(data=buffer.getvalue())
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_details(caught.value)[1] == ["mask_image"]
+
+
+def test_decompression_bomb_is_refused_before_decoding(generate: Generate) -> None:
+    # A PNG header claiming 30000x30000 pixels: refused on the header, not after decoding 2.7 GB.
+    huge = PIL.Image.new("1", (30000, 30000))
+    buffer = io.BytesIO()
+    huge.save(buffer, format="PNG")
+    assert len(buffer.getvalue()) < 1024 * 1024
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(task=pb.TASK_IMAGE_TO_IMAGE, prompt="x", image=pb.Image(data=buffer.getvalue()))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "pixels" in caught.value.details()
+
+
+# ------------------------------------------------------------------------------- health, reflection
+
+
+def test_health_overall_and_per_model(channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == serving
+    assert health.Check(health_pb2.HealthCheckRequest(service="autopipeline.v1.AutoPipelineService")).status == serving
+    assert health.Check(health_pb2.HealthCheckRequest(service="sdxl")).status == serving
+    assert health.Check(health_pb2.HealthCheckRequest(service="ddpm")).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_reflection_lists_the_service(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    services = {s.name for r in responses for s in r.list_services_response.service}
+    assert "autopipeline.v1.AutoPipelineService" in services
+    assert "grpc.health.v1.Health" in services
+
+
+def test_deadline_exceeded_is_reported_and_server_recovers(stub: pb_grpc.AutoPipelineServiceStub, generate: Generate) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        list(
+            stub.Generate(
+                pb.GenerateRequest(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=400, width=512, height=512),
+                timeout=0.5,
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert kinds(generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="ok", num_inference_steps=2))[-1] == "completed"
