@@ -28,7 +28,13 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     unsupported = root / "ddpm"
     unsupported.mkdir()
     (unsupported / "model_index.json").write_text(
-        json.dumps({"_class_name": "DDPMPipeline", "_diffusers_version": "0.42.1", "unet": ["diffusers", "UNet2DModel"]})
+        json.dumps(
+            {
+                "_class_name": "DDPMPipeline",
+                "_diffusers_version": "0.42.1",
+                "unet": ["diffusers", "UNet2DModel"],
+            }
+        )
     )
     built["ddpm"] = unsupported
     return built

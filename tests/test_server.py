@@ -24,7 +24,11 @@ from .support import Generate, ServerThread
 TASKS = [pb.TASK_TEXT_TO_IMAGE, pb.TASK_IMAGE_TO_IMAGE, pb.TASK_INPAINTING]
 EXPECTED_CLASSES = {
     "sd15": ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"],
-    "sdxl": ["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"],
+    "sdxl": [
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
+    ],
 }
 
 
@@ -90,7 +94,9 @@ def test_inspect_describes_server_and_models(stub: pb_grpc.AutoPipelineServiceSt
             assert info.default_scheduler in info.schedulers
             assert (info.default_width, info.default_height) == (64, 64)
             assert "eta" in {p.name for p in info.parameters}
-            assert not {"generator", "latents", "callback_on_step_end", "prompt"} & {p.name for p in info.parameters}
+            assert not {"generator", "latents", "callback_on_step_end", "prompt"} & {
+                p.name for p in info.parameters
+            }
     assert models["sd15"].is_default and not models["sdxl"].is_default
     eta = next(p for p in models["sd15"].tasks[0].parameters if p.name == "eta")
     assert eta.has_default and eta.default_value.number_value == 0.0 and eta.type == "float"
@@ -109,7 +115,9 @@ def test_inpainting_unet_offers_only_inpainting(stub: pb_grpc.AutoPipelineServic
     assert [t.task for t in model.tasks] == [pb.TASK_INPAINTING]
 
 
-def test_unsupported_checkpoint_fails_alone(stub: pb_grpc.AutoPipelineServiceStub, generate: Generate) -> None:
+def test_unsupported_checkpoint_fails_alone(
+    stub: pb_grpc.AutoPipelineServiceStub, generate: Generate
+) -> None:
     (model,) = stub.Inspect(pb.InspectRequest(model="ddpm")).models
     assert model.state == pb.MODEL_STATE_FAILED
     assert "DDPMPipeline" in model.state_reason and "AutoPipeline" in model.state_reason
@@ -126,7 +134,12 @@ def test_unsupported_checkpoint_fails_alone(stub: pb_grpc.AutoPipelineServiceStu
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])
 @pytest.mark.parametrize("task", TASKS, ids=["t2i", "i2i", "inpaint"])
 def test_generate_every_family_and_task(
-    stub: pb_grpc.AutoPipelineServiceStub, generate: Generate, input_png: bytes, mask_png: bytes, model: str, task: int
+    stub: pb_grpc.AutoPipelineServiceStub,
+    generate: Generate,
+    input_png: bytes,
+    mask_png: bytes,
+    model: str,
+    task: int,
 ) -> None:
     inspected = stub.Inspect(pb.InspectRequest(model=model)).models[0]
     expected_class = next(t.pipeline_class for t in inspected.tasks if t.task == task)
@@ -165,7 +178,9 @@ def test_generate_every_family_and_task(
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])
 def test_same_seed_same_bytes_different_seed_different_bytes(generate: Generate, model: str) -> None:
     def run(seed: int) -> bytes:
-        return images(generate(model=model, task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=3, seed=seed))[0]
+        return images(
+            generate(model=model, task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=3, seed=seed)
+        )[0]
 
     first, again, other = run(7), run(7), run(8)
     assert first == again
@@ -201,7 +216,12 @@ def test_seed_is_drawn_and_echoed_when_absent(generate: Generate) -> None:
 )
 def test_output_formats(generate: Generate, fmt: int, quality: int, pil_format: str) -> None:
     events = generate(
-        task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=2, seed=1, output_format=fmt, output_quality=quality
+        task=pb.TASK_TEXT_TO_IMAGE,
+        prompt="p",
+        num_inference_steps=2,
+        seed=1,
+        output_format=fmt,
+        output_quality=quality,
     )
     image_event = next(e.image for e in events if e.HasField("image"))
     assert image_event.image.mime_type == f"image/{pil_format.lower()}"
@@ -210,19 +230,28 @@ def test_output_formats(generate: Generate, fmt: int, quality: int, pil_format: 
 
 
 def test_explicit_size_and_img2img_resize(generate: Generate, input_png: bytes) -> None:
-    events = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=2, width=96, height=48, seed=1)
+    events = generate(
+        task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=2, width=96, height=48, seed=1
+    )
     with PIL.Image.open(io.BytesIO(images(events)[0])) as decoded:
         assert decoded.size == (96, 48)
     assert events[1].started.width == 96 and events[1].started.height == 48
     events = generate(
-        task=pb.TASK_IMAGE_TO_IMAGE, prompt="p", num_inference_steps=4, image=pb.Image(data=input_png), width=80, height=80
+        task=pb.TASK_IMAGE_TO_IMAGE,
+        prompt="p",
+        num_inference_steps=4,
+        image=pb.Image(data=input_png),
+        width=80,
+        height=80,
     )
     with PIL.Image.open(io.BytesIO(images(events)[0])) as decoded:
         assert decoded.size == (80, 80)
 
 
 def test_previews_every_n_steps(generate: Generate) -> None:
-    events = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=4, seed=3, preview_interval=2)
+    events = generate(
+        task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=4, seed=3, preview_interval=2
+    )
     previews = [e.preview for e in events if e.HasField("preview")]
     assert [p.step for p in previews] == [2, 4]
     with PIL.Image.open(io.BytesIO(previews[0].image.data)) as decoded:
@@ -232,14 +261,20 @@ def test_previews_every_n_steps(generate: Generate) -> None:
 def test_parameters_are_validated_and_passed(generate: Generate) -> None:
     params = struct_pb2.Struct()
     params.update({"eta": 0.3, "guidance_rescale": 0.5})
-    events = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=2, seed=1, parameters=params)
+    events = generate(
+        task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=2, seed=1, parameters=params
+    )
     resolved = events[-1].completed.parameters
     assert math.isclose(resolved["eta"], 0.3) and math.isclose(resolved["guidance_rescale"], 0.5)
 
 
 def test_scheduler_can_be_chosen(stub: pb_grpc.AutoPipelineServiceStub, generate: Generate) -> None:
     info = stub.Inspect(pb.InspectRequest(model="sd15")).models[0].tasks[0]
-    other = next(s for s in ("DDIMScheduler", "EulerDiscreteScheduler") if s in info.schedulers and s != info.default_scheduler)
+    other = next(
+        s
+        for s in ("DDIMScheduler", "EulerDiscreteScheduler")
+        if s in info.schedulers and s != info.default_scheduler
+    )
     events = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=3, seed=1, scheduler=other)
     assert events[1].started.scheduler == other
     assert events[-1].completed.parameters["scheduler"] == other
@@ -250,7 +285,9 @@ def test_scheduler_can_be_chosen(stub: pb_grpc.AutoPipelineServiceStub, generate
 
 def test_large_image_is_chunked_under_the_default_message_limit(generate: Generate) -> None:
     # A 1536x1536 PNG of the tiny model's noisy output is ~4.8 MB: more than one 4 MiB message.
-    events = generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=1, seed=5, width=1536, height=1536)
+    events = generate(
+        task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=1, seed=5, width=1536, height=1536
+    )
     chunks = [e.image for e in events if e.HasField("image")]
     assert len(chunks) >= 2
     assert [c.chunk_index for c in chunks] == list(range(len(chunks)))
@@ -285,31 +322,88 @@ BAD_IMAGE = pb.Image(data=b"definitely not an image")
         ({"task": pb.TASK_IMAGE_TO_IMAGE, "prompt": "x"}, grpc.StatusCode.INVALID_ARGUMENT, ["image"]),
         ({"task": pb.TASK_IMAGE_TO_IMAGE, "image": BAD_IMAGE}, grpc.StatusCode.INVALID_ARGUMENT, ["image"]),
         ({"task": pb.TASK_INPAINTING, "image": "INPUT"}, grpc.StatusCode.INVALID_ARGUMENT, ["mask_image"]),
-        ({"task": pb.TASK_INPAINTING, "image": "INPUT", "mask_image": BAD_IMAGE}, grpc.StatusCode.INVALID_ARGUMENT, ["mask_image"]),
+        (
+            {"task": pb.TASK_INPAINTING, "image": "INPUT", "mask_image": BAD_IMAGE},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["mask_image"],
+        ),
         ({"task": pb.TASK_TEXT_TO_IMAGE, "image": "INPUT"}, grpc.StatusCode.INVALID_ARGUMENT, ["image"]),
         ({"task": pb.TASK_TEXT_TO_IMAGE, "strength": 0.5}, grpc.StatusCode.INVALID_ARGUMENT, ["strength"]),
-        ({"task": pb.TASK_IMAGE_TO_IMAGE, "image": "INPUT", "mask_image": "MASK"}, grpc.StatusCode.INVALID_ARGUMENT, ["mask_image"]),
+        (
+            {"task": pb.TASK_IMAGE_TO_IMAGE, "image": "INPUT", "mask_image": "MASK"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["mask_image"],
+        ),
         ({"task": pb.TASK_TEXT_TO_IMAGE, "width": 65}, grpc.StatusCode.INVALID_ARGUMENT, ["width"]),
         ({"task": pb.TASK_TEXT_TO_IMAGE, "height": 100}, grpc.StatusCode.INVALID_ARGUMENT, ["height"]),
         ({"task": pb.TASK_TEXT_TO_IMAGE, "width": 4096}, grpc.StatusCode.INVALID_ARGUMENT, ["width"]),
         ({"task": pb.TASK_TEXT_TO_IMAGE, "width": 0}, grpc.StatusCode.INVALID_ARGUMENT, ["width"]),
-        ({"task": pb.TASK_TEXT_TO_IMAGE, "num_inference_steps": 501}, grpc.StatusCode.INVALID_ARGUMENT, ["num_inference_steps"]),
-        ({"task": pb.TASK_TEXT_TO_IMAGE, "num_inference_steps": 0}, grpc.StatusCode.INVALID_ARGUMENT, ["num_inference_steps"]),
+        (
+            {"task": pb.TASK_TEXT_TO_IMAGE, "num_inference_steps": 501},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["num_inference_steps"],
+        ),
+        (
+            {"task": pb.TASK_TEXT_TO_IMAGE, "num_inference_steps": 0},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["num_inference_steps"],
+        ),
         ({"task": pb.TASK_TEXT_TO_IMAGE, "num_images": 9}, grpc.StatusCode.INVALID_ARGUMENT, ["num_images"]),
-        ({"task": pb.TASK_IMAGE_TO_IMAGE, "image": "INPUT", "strength": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, ["strength"]),
-        ({"task": pb.TASK_IMAGE_TO_IMAGE, "image": "INPUT", "strength": 0.1, "num_inference_steps": 5}, grpc.StatusCode.INVALID_ARGUMENT, ["strength"]),
-        ({"task": pb.TASK_TEXT_TO_IMAGE, "scheduler": "NoSuchScheduler"}, grpc.StatusCode.INVALID_ARGUMENT, ["scheduler"]),
-        ({"task": pb.TASK_TEXT_TO_IMAGE, "parameters": {"no_such_argument": 1}}, grpc.StatusCode.INVALID_ARGUMENT, ["parameters.no_such_argument"]),
-        ({"task": pb.TASK_TEXT_TO_IMAGE, "parameters": {"generator": 1}}, grpc.StatusCode.INVALID_ARGUMENT, ["parameters.generator"]),
-        ({"task": pb.TASK_TEXT_TO_IMAGE, "parameters": {"eta": "fast"}}, grpc.StatusCode.INVALID_ARGUMENT, ["parameters.eta"]),
-        ({"task": pb.TASK_TEXT_TO_IMAGE, "parameters": {"num_inference_steps": 3}}, grpc.StatusCode.INVALID_ARGUMENT, ["parameters.num_inference_steps"]),
-        ({"task": pb.TASK_TEXT_TO_IMAGE, "output_quality": 50}, grpc.StatusCode.INVALID_ARGUMENT, ["output_quality"]),
+        (
+            {"task": pb.TASK_IMAGE_TO_IMAGE, "image": "INPUT", "strength": 1.5},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["strength"],
+        ),
+        (
+            {"task": pb.TASK_IMAGE_TO_IMAGE, "image": "INPUT", "strength": 0.1, "num_inference_steps": 5},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["strength"],
+        ),
+        (
+            {"task": pb.TASK_TEXT_TO_IMAGE, "scheduler": "NoSuchScheduler"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["scheduler"],
+        ),
+        (
+            {"task": pb.TASK_TEXT_TO_IMAGE, "parameters": {"no_such_argument": 1}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["parameters.no_such_argument"],
+        ),
+        (
+            {"task": pb.TASK_TEXT_TO_IMAGE, "parameters": {"generator": 1}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["parameters.generator"],
+        ),
+        (
+            {"task": pb.TASK_TEXT_TO_IMAGE, "parameters": {"eta": "fast"}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["parameters.eta"],
+        ),
+        (
+            {"task": pb.TASK_TEXT_TO_IMAGE, "parameters": {"num_inference_steps": 3}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["parameters.num_inference_steps"],
+        ),
+        (
+            {"task": pb.TASK_TEXT_TO_IMAGE, "output_quality": 50},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["output_quality"],
+        ),
         ({"task": pb.TASK_TEXT_TO_IMAGE, "model": "nope"}, grpc.StatusCode.NOT_FOUND, []),
-        ({"task": pb.TASK_IMAGE_TO_IMAGE, "model": "sd15-inpainting", "image": "INPUT"}, grpc.StatusCode.FAILED_PRECONDITION, []),
+        (
+            {"task": pb.TASK_IMAGE_TO_IMAGE, "model": "sd15-inpainting", "image": "INPUT"},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            [],
+        ),
     ],
 )
 def test_bad_requests_get_precise_statuses_and_the_server_keeps_serving(
-    generate: Generate, input_png: bytes, mask_png: bytes, fields: dict[str, object], code: grpc.StatusCode, violations: list[str]
+    generate: Generate,
+    input_png: bytes,
+    mask_png: bytes,
+    fields: dict[str, object],
+    code: grpc.StatusCode,
+    violations: list[str],
 ) -> None:
     request: dict[str, object] = {"prompt": "x", "num_inference_steps": 2, **fields}
     for key, value in list(request.items()):
@@ -340,7 +434,10 @@ def test_mask_must_match_image_size(generate: Generate, input_png: bytes) -> Non
     small_mask.save(buffer, format="PNG")
     with pytest.raises(grpc.RpcError) as caught:
         generate(
-            task=pb.TASK_INPAINTING, prompt="x", image=pb.Image(data=input_png), mask_image=pb.Image(data=buffer.getvalue())
+            task=pb.TASK_INPAINTING,
+            prompt="x",
+            image=pb.Image(data=input_png),
+            mask_image=pb.Image(data=buffer.getvalue()),
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert status_details(caught.value)[1] == ["mask_image"]
@@ -365,9 +462,15 @@ def test_health_overall_and_per_model(channel: grpc.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     serving = health_pb2.HealthCheckResponse.SERVING
     assert health.Check(health_pb2.HealthCheckRequest(service="")).status == serving
-    assert health.Check(health_pb2.HealthCheckRequest(service="autopipeline.v1.AutoPipelineService")).status == serving
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service="autopipeline.v1.AutoPipelineService")).status
+        == serving
+    )
     assert health.Check(health_pb2.HealthCheckRequest(service="sdxl")).status == serving
-    assert health.Check(health_pb2.HealthCheckRequest(service="ddpm")).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service="ddpm")).status
+        == health_pb2.HealthCheckResponse.NOT_SERVING
+    )
 
 
 def test_reflection_lists_the_service(channel: grpc.Channel) -> None:
@@ -378,11 +481,15 @@ def test_reflection_lists_the_service(channel: grpc.Channel) -> None:
     assert "grpc.health.v1.Health" in services
 
 
-def test_deadline_exceeded_is_reported_and_server_recovers(stub: pb_grpc.AutoPipelineServiceStub, generate: Generate) -> None:
+def test_deadline_exceeded_is_reported_and_server_recovers(
+    stub: pb_grpc.AutoPipelineServiceStub, generate: Generate
+) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         list(
             stub.Generate(
-                pb.GenerateRequest(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=400, width=512, height=512),
+                pb.GenerateRequest(
+                    task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=400, width=512, height=512
+                ),
                 timeout=0.5,
             )
         )

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from autopipeline_server.tiny import FAMILIES, build_tiny_checkpoint
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 from PIL import Image
 from safetensors.torch import load_file
+
+from autopipeline_server.tiny import FAMILIES, build_tiny_checkpoint
 
 # EulerDiscreteScheduler.set_timesteps calls np.array(torch_tensor); with numpy 2 and torch's
 # `Tensor.__array__(self, dtype=None)` numpy emits this DeprecationWarning (not our code).

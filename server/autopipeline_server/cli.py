@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("out_dir", type=Path)
 
+    probe = commands.add_parser("health", help="exit 0 if a server reports SERVING (for container probes)")
+    probe.add_argument("--target", default="localhost:50051")
+    probe.add_argument("--service", default="", help="a model name or service; empty = the whole server")
+    probe.add_argument("--timeout", type=float, default=5.0)
+
     demo = commands.add_parser("demo", help="build a tiny model, serve it, and generate for all three tasks")
     demo.add_argument("--out", type=Path, default=Path("autopipeline-demo"), help="where images are written")
     demo.add_argument("--family", default="sd15", help="tiny model family (sd15 or sdxl)")
@@ -76,6 +81,24 @@ def configure_logging(level: str) -> None:
             library.disable_progress_bar()
 
 
+def check_health(target: str, service: str, timeout: float) -> int:
+    """Queries grpc.health.v1 and prints the status; 0 only for SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as err:
+            print(f"{target}: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(f"{target} {service or '(server)'}: {status}")
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
@@ -89,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(path)
         return 0
+    if args.command == "health":
+        return check_health(args.target, args.service, args.timeout)
     if args.command == "demo":
         from autopipeline_server.demo import run_demo
 

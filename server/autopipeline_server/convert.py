@@ -8,9 +8,9 @@ from typing import Any
 
 import diffusers
 import torch
-from autopipeline.v1 import autopipeline_pb2 as pb
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
+from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline_server import __version__
 from autopipeline_server.codecs import (
     DEFAULT_QUALITY,

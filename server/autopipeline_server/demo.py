@@ -9,8 +9,8 @@ from pathlib import Path
 
 import PIL.Image
 import PIL.ImageDraw
-from autopipeline import AsyncClient, Task
 
+from autopipeline import AsyncClient, Task
 from autopipeline_server.server import create_server
 from autopipeline_server.settings import ModelSpec, Settings
 from autopipeline_server.tiny import build_tiny_checkpoint

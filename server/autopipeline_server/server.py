@@ -9,12 +9,12 @@ import signal
 from dataclasses import dataclass
 
 import grpc
-from autopipeline.v1 import autopipeline_pb2 as pb
-from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # grpc-stubs predate aio
 from grpc_reflection.v1alpha import reflection
 
+from autopipeline.v1 import autopipeline_pb2 as pb
+from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server.domain import ModelState
 from autopipeline_server.pipelines import resolve_device, resolve_dtype
 from autopipeline_server.registry import ModelEntry, ModelRegistry
@@ -100,14 +100,8 @@ async def create_server(settings: Settings) -> RunningServer:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     await server.start()
     worker.start()
-    log.info(
-        "listening on %s:%d (device %s, dtype %s); settings %s",
-        settings.host,
-        port,
-        device,
-        dtype,
-        describe(settings),
-    )
+    log.info("listening on %s:%d (device %s, dtype %s)", settings.host, port, device, dtype)
+    log.debug("settings: %s", describe(settings))
 
     async def load() -> None:
         await registry.load_all(worker, warm=settings.warmup)

@@ -9,9 +9,9 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
-
 from autopipeline_server import convert
 from autopipeline_server.codecs import encode_image
 from autopipeline_server.domain import Finished, Preview, Progress, Queued, Started

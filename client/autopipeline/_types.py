@@ -1,0 +1,440 @@
+"""The SDK's public value types: tasks and formats, stream events, results and server descriptions."""
+
+from __future__ import annotations
+
+import enum
+import io
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, TypeAlias
+
+from PIL import Image, UnidentifiedImageError
+
+from autopipeline._errors import ProtocolError
+
+__all__ = [
+    "Completed",
+    "Event",
+    "GeneratedImage",
+    "GenerationResult",
+    "ImageFormat",
+    "ImageInput",
+    "Limits",
+    "ModelInfo",
+    "ModelState",
+    "ParameterInfo",
+    "Preview",
+    "Progress",
+    "Queued",
+    "ServerInfo",
+    "Started",
+    "Task",
+    "TaskInfo",
+    "Timings",
+]
+
+ImageInput: TypeAlias = Image.Image | bytes | str | os.PathLike[str]
+"""An input image: a PIL image (sent as PNG), encoded bytes, or the path of an image file."""
+
+
+class Task(str, enum.Enum):
+    """What a caller asks a model to do; the string values are accepted wherever a `Task` is.
+
+    Example:
+        >>> Task("image-to-image") is Task.IMAGE_TO_IMAGE
+        True
+    """
+
+    TEXT_TO_IMAGE = "text-to-image"
+    IMAGE_TO_IMAGE = "image-to-image"
+    INPAINTING = "inpainting"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ImageFormat(str, enum.Enum):
+    """The encoding of returned images.
+
+    Example:
+        >>> ImageFormat("webp").mime_type
+        'image/webp'
+    """
+
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def mime_type(self) -> str:
+        """The media type of this format, e.g. ``"image/png"``."""
+        return f"image/{self.value}"
+
+
+class ModelState(str, enum.Enum):
+    """The lifecycle state of a served model; ``UNKNOWN`` stands for a state this SDK does not know.
+
+    Example:
+        >>> ModelState.READY.value
+        'ready'
+    """
+
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decodes image bytes the server sent; undecodable bytes break the contract."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ProtocolError(f"the server sent image bytes that cannot be decoded: {err}") from err
+    return image
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """The request is waiting in the server's queue.
+
+    Example:
+        >>> Queued(position=0, queue_depth=3).position  # runs next
+        0
+    """
+
+    position: int
+    """0-based position: 0 means the request runs next."""
+    queue_depth: int
+    """Requests waiting in the queue, this one included."""
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The pipeline call for the request has begun denoising.
+
+    Example:
+        >>> result = client.generate("a red cube", num_images=2, seed=7)
+        >>> result.started.pipeline_class, result.started.total_steps, result.started.seeds
+        ('StableDiffusionXLPipeline', 30, (7, 8))
+    """
+
+    model: str
+    """The served model name."""
+    pipeline_class: str
+    """The diffusers pipeline class running the call, e.g. ``"StableDiffusionXLPipeline"``."""
+    total_steps: int
+    """Denoising steps this call runs (after ``strength`` is applied)."""
+    seeds: tuple[int, ...]
+    """The seed of each image, in order."""
+    batch_size: int
+    """How many requests share this pipeline call (1 without batching)."""
+    width: int
+    """Output width in pixels."""
+    height: int
+    """Output height in pixels."""
+    scheduler: str
+    """The scheduler class in use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A denoising step finished.
+
+    Example:
+        >>> Progress(step=5, total_steps=20, elapsed=1.25).step
+        5
+    """
+
+    step: int
+    """Steps finished, 1 .. ``total_steps``."""
+    total_steps: int
+    """Denoising steps this call runs."""
+    elapsed: float
+    """Seconds since the call started denoising."""
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """A small preview (at most 256 pixels on the longer side) of an image being generated.
+
+    Example:
+        >>> for event in client.stream("a red cube", preview_interval=5):
+        ...     if isinstance(event, Preview):
+        ...         event.image.save(f"preview-{event.step}.png")
+    """
+
+    step: int
+    """The step after which the preview was taken."""
+    index: int
+    """The index of the image previewed."""
+    image: Image.Image
+    """The decoded preview."""
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """A finished image: its encoded bytes as the server sent them, decoded on first use of `image`.
+
+    Example:
+        >>> result = client.generate("a red cube")
+        >>> result.images[0].save("cube.png")
+        >>> result.images[0].image.size
+        (1024, 1024)
+    """
+
+    index: int
+    """0-based image index within the request."""
+    seed: int
+    """The seed that produced this image."""
+    width: int
+    """Width in pixels."""
+    height: int
+    """Height in pixels."""
+    data: bytes = field(repr=False)
+    """The encoded image (PNG, JPEG or WebP, as requested)."""
+    mime_type: str
+    """The media type of `data`, e.g. ``"image/png"``."""
+
+    @cached_property
+    def image(self) -> Image.Image:
+        """The image decoded with PIL (decoded once, on first access)."""
+        return decode_image(self.data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the encoded bytes unchanged to ``path``; its extension is not checked."""
+        with open(path, "wb") as file:
+            file.write(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Seconds a request spent, by phase.
+
+    Example:
+        >>> result.timings.total
+        0.84
+    """
+
+    queued: float
+    """Waiting in the queue."""
+    running: float
+    """Running the pipeline call (including batch companions)."""
+    encoding: float
+    """Encoding the output images."""
+    total: float
+    """From arrival to completion."""
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """The request finished; the last event of a stream.
+
+    Example:
+        >>> completed.parameters["num_inference_steps"]
+        30
+    """
+
+    timings: Timings
+    """Time spent, by phase."""
+    parameters: dict[str, Any]
+    """Every argument the pipeline was called with, as resolved by the server (integral numbers as `int`)."""
+    model: str
+    """The served model name."""
+    pipeline_class: str
+    """The diffusers pipeline class that ran the call."""
+    num_images: int
+    """The number of images sent."""
+
+
+Event: TypeAlias = Queued | Started | Progress | Preview | GeneratedImage | Completed
+"""One event of a generation stream, in the order the server sends them."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """Everything a finished generation returned.
+
+    Example:
+        >>> result = client.generate("a red cube", num_images=2, seed=7)
+        >>> result.seeds
+        (7, 8)
+        >>> [image.size for image in result.pil_images]
+        [(1024, 1024), (1024, 1024)]
+    """
+
+    images: list[GeneratedImage]
+    """The images, by index."""
+    started: Started
+    """The `Started` event: pipeline class, steps, seeds, size and scheduler."""
+    completed: Completed
+    """The `Completed` event: timings and resolved parameters."""
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The seed of each image, in order."""
+        return self.started.seeds
+
+    @property
+    def timings(self) -> Timings:
+        """Seconds spent, by phase."""
+        return self.completed.timings
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """Every argument the pipeline was called with, as resolved by the server."""
+        return self.completed.parameters
+
+    @property
+    def pil_images(self) -> list[Image.Image]:
+        """The images decoded with PIL."""
+        return [image.image for image in self.images]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Limits on requests, set by the server's operator.
+
+    Example:
+        >>> info = client.inspect()
+        >>> info.limits.max_width
+        2048
+    """
+
+    max_width: int
+    """Maximum output width in pixels."""
+    max_height: int
+    """Maximum output height in pixels."""
+    max_num_inference_steps: int
+    """Maximum ``num_inference_steps``."""
+    max_num_images: int
+    """Maximum ``num_images``."""
+    max_prompt_length: int
+    """Maximum length of ``prompt`` and ``negative_prompt``, in characters."""
+    max_parameters: int
+    """Maximum number of entries in ``parameters``."""
+    max_input_pixels: int
+    """Maximum pixels (width * height) of an input image or mask."""
+    max_queue: int
+    """Maximum requests waiting in the queue; more are rejected with `ResourceExhaustedError`."""
+    max_request_bytes: int
+    """Maximum size of an encoded request in bytes."""
+    image_chunk_bytes: int
+    """Maximum bytes of image data in one response message."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterInfo:
+    """One extra argument a pipeline accepts through ``parameters``.
+
+    Example:
+        >>> [p.name for p in task_info.parameters]
+        ['eta', 'guidance_rescale', ...]
+    """
+
+    name: str
+    """The argument name."""
+    type: str
+    """Its Python type annotation, as text."""
+    default: Any
+    """Its default value (``None`` when it has none that JSON can express)."""
+    has_default: bool
+    """Whether `default` is the real default."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """How a model performs one task.
+
+    Example:
+        >>> model.tasks[0].task, model.tasks[0].pipeline_class
+        (<Task.TEXT_TO_IMAGE: 'text-to-image'>, 'StableDiffusionXLPipeline')
+    """
+
+    task: Task
+    """The task."""
+    pipeline_class: str
+    """The diffusers pipeline class for this task."""
+    parameters: list[ParameterInfo]
+    """The arguments ``parameters`` accepts for this task."""
+    schedulers: list[str]
+    """Scheduler class names accepted by ``scheduler``."""
+    default_scheduler: str
+    """The model's own scheduler class."""
+    default_width: int
+    """Output width used when a text-to-image request sets none."""
+    default_height: int
+    """Output height used when a text-to-image request sets none."""
+    supports_previews: bool
+    """Whether ``preview_interval`` is supported."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A served model.
+
+    Example:
+        >>> [(m.name, m.state) for m in client.inspect().models]
+        [('sdxl', <ModelState.READY: 'ready'>)]
+    """
+
+    name: str
+    """The name requests use."""
+    source: str
+    """Where the weights came from: a local directory or a hub id."""
+    family: str
+    """The AutoPipeline family, e.g. ``"stable-diffusion-xl"``."""
+    state: ModelState
+    """The lifecycle state."""
+    state_reason: str
+    """Why the model is in its state (the load error when failed)."""
+    dtype: str
+    """The weights' dtype, e.g. ``"float16"``."""
+    device: str
+    """The device the model lives on."""
+    parameter_bytes: int
+    """Bytes of parameters held by the model's modules."""
+    is_default: bool
+    """Whether requests that name no model use this one."""
+    checkpoint_class: str
+    """The checkpoint's own pipeline class (``model_index.json`` ``_class_name``)."""
+    tasks: list[TaskInfo]
+    """The tasks the model can perform (those this SDK knows), in `Task` order."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """The server, its software, limits and models, as `Client.inspect` returns them.
+
+    Example:
+        >>> info = client.inspect()
+        >>> info.device, info.default_model, [m.name for m in info.models]
+        ('cuda:0', 'sdxl', ['sdxl'])
+    """
+
+    version: str
+    """autopipeline-grpc version."""
+    diffusers_version: str
+    """diffusers version."""
+    torch_version: str
+    """torch version."""
+    device: str
+    """The device pipelines run on, e.g. ``"cuda:0"`` or ``"cpu"``."""
+    default_model: str
+    """The name of the model used when a request names none."""
+    queue_depth: int
+    """Requests waiting in the queue now."""
+    running: int
+    """Requests running on the device now."""
+    limits: Limits
+    """The limits requests must respect."""
+    models: list[ModelInfo]
+    """The models asked for: every model, or the one named."""
