@@ -13,10 +13,11 @@ import PIL.Image
 import pytest
 from google.rpc import error_details_pb2
 
+from autopipeline_server.arguments import coerce
 from autopipeline_server.codecs import OutputFormat, chunk_count, chunks, decode_image, encode_image
 from autopipeline_server.domain import Task
 from autopipeline_server.errors import InvalidRequest, QueueFull, ServingError
-from autopipeline_server.pipelines import coerce, family_of, task_classes
+from autopipeline_server.pipelines import family_of, task_classes
 from autopipeline_server.settings import ConfigError, ModelSpec, load_settings
 from autopipeline_server.status import to_status
 

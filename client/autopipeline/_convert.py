@@ -330,6 +330,9 @@ def server_info(response: pb.InspectResponse) -> _types.ServerInfo:
         _types.ServerInfo,
         response.server,
         limits=_from_fields(_types.Limits, response.server.limits),
+        max_batch_size=response.server.batching.max_batch_size or 1,
+        max_batch_delay=_seconds(response.server.batching.max_delay),
+        allowed_sources=list(response.server.allowed_sources),
         models=[_model_info(model) for model in response.models],
     )
 

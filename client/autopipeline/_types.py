@@ -86,6 +86,7 @@ class ModelState(str, enum.Enum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    EVICTED = "evicted"
     UNKNOWN = "unknown"
 
     def __str__(self) -> str:
@@ -436,5 +437,13 @@ class ServerInfo:
     """Requests running on the device now."""
     limits: Limits
     """The limits requests must respect."""
+    max_batch_size: int
+    """Images one batched pipeline call may hold; 1 means the server does not batch."""
+    max_batch_delay: float
+    """Seconds the first request of a batch may wait for compatible company."""
+    allowed_sources: list[str]
+    """Glob patterns of sources (hub ids, absolute paths) requests may name to load on demand."""
+    memory_budget: int
+    """Parameter bytes on-demand models may hold together; 0 means no budget."""
     models: list[ModelInfo]
     """The models asked for: every model, or the one named."""

@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, help="requests that may wait; more get RESOURCE_EXHAUSTED")
     serve.add_argument("--grace", type=float, help="seconds in-flight work may finish on shutdown")
     serve.add_argument("--no-warmup", dest="warmup", action="store_const", const=False, help="skip warm-up")
+    serve.add_argument("--max-batch-size", type=int, help="images per batched call (default 1: no batching)")
+    serve.add_argument("--max-batch-delay-ms", type=float, help="how long a request may wait for company")
+    serve.add_argument(
+        "--allow-source",
+        dest="allow_sources",
+        action="append",
+        metavar="PATTERN",
+        help="let requests name sources matching this glob (e.g. 'org/*', '/models/*'); loaded on demand",
+    )
+    serve.add_argument("--memory-budget", help="bytes on-demand models may hold, e.g. 20GiB (default: none)")
     serve.add_argument(
         "--allow-pickle",
         action="store_const",
@@ -119,20 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return asyncio.run(run_demo(args.out, family=args.family))
 
-    flags = {
-        key: getattr(args, key)
-        for key in (
-            "models",
-            "host",
-            "port",
-            "device",
-            "dtype",
-            "max_queue",
-            "grace",
-            "warmup",
-            "allow_pickle",
-        )
-    }
+    # Every serve flag whose dest is a setting; argparse leaves the ones not given as None.
+    flags = {key: value for key, value in vars(args).items() if key not in ("command", "config", "log_level")}
     try:
         settings = load_settings(flags, os.environ, config_file=args.config)
     except ConfigError as err:

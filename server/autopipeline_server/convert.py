@@ -42,6 +42,7 @@ STATES = {
     ModelState.LOADING: pb.MODEL_STATE_LOADING,
     ModelState.READY: pb.MODEL_STATE_READY,
     ModelState.FAILED: pb.MODEL_STATE_FAILED,
+    ModelState.EVICTED: pb.MODEL_STATE_EVICTED,
 }
 
 
@@ -281,6 +282,11 @@ def server_info(settings: Settings, *, device: str, queue_depth: int, running: i
         default_model=settings.default_model,
         queue_depth=queue_depth,
         running=running,
+        batching=pb.Batching(
+            max_batch_size=settings.max_batch_size, max_delay=duration(settings.max_batch_delay_ms / 1000)
+        ),
+        allowed_sources=list(settings.allow_sources),
+        memory_budget=settings.memory_budget,
         limits=pb.Limits(
             max_width=limits.max_width,
             max_height=limits.max_height,

@@ -21,6 +21,7 @@ class ModelState(Enum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    EVICTED = "evicted"
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,12 @@ class ModelLoading(ServingError):
     reason = "MODEL_LOADING"
 
 
+class ModelUnavailable(ServingError):
+    """An on-demand model could not be loaded this time (UNAVAILABLE); the message says why."""
+
+    reason = "MODEL_LOAD_FAILED"
+
+
 class ShuttingDown(ServingError):
     """The server is draining and takes no new work (UNAVAILABLE)."""
 

@@ -1,37 +1,96 @@
-"""The model registry: which models are served, their load state, and loading them warm."""
+"""The model registry: configured (pinned) models, on-demand models the operator allowed, a memory budget."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fnmatch
+import gc
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from autopipeline_server.calls import warm_up
 from autopipeline_server.domain import ModelState
-from autopipeline_server.errors import ModelFailed, ModelLoading, ModelNotFound, ServingError
-from autopipeline_server.pipelines import LoadedModel, load_model, warm_up
+from autopipeline_server.errors import (
+    ModelFailed,
+    ModelLoading,
+    ModelNotFound,
+    ModelUnavailable,
+    ServingError,
+)
+from autopipeline_server.pipelines import LoadedModel, load_model
 from autopipeline_server.settings import ModelSpec, Settings
 from autopipeline_server.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
 
 @dataclass
 class ModelEntry:
-    """A configured model and where it is in its life."""
+    """A model and where it is in its life."""
 
     spec: ModelSpec
+    pinned: bool
     state: ModelState = ModelState.LOADING
     reason: str = "waiting to load"
     model: LoadedModel | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    in_use: int = 0
+    loads: int = 0
+    last_size: int = 0
+    loading: asyncio.Task[None] | None = None
+
+    @property
+    def parameter_bytes(self) -> int:
+        return self.model.parameter_bytes if self.model is not None else 0
 
 
 StateListener = Callable[[ModelEntry], None]
 
 
+def allowed_source(name: str, patterns: tuple[str, ...]) -> str | None:
+    """The source a request may load under `name`, or None: hub ids and absolute paths matching a pattern.
+
+    URLs, relative paths and `..` never match; a local path must match both as written and
+    after symlinks are resolved, so a link inside an allowed directory cannot lead outside it.
+    """
+    if not patterns or "://" in name or "\\" in name or "\0" in name:
+        return None
+    if name.startswith("/"):
+        if ".." in Path(name).parts:
+            return None
+        real = os.path.realpath(name)
+        local = [p for p in patterns if p.startswith("/")]
+        if any(fnmatch.fnmatchcase(name, p) for p in local) and any(
+            fnmatch.fnmatchcase(real, p) for p in local
+        ):
+            return name
+        return None
+    if _HUB_ID.match(name) and ".." not in name:
+        hub = [p for p in patterns if not p.startswith("/")]
+        if any(fnmatch.fnmatchcase(name, p) for p in hub):
+            return name
+    return None
+
+
+def _size_on_disk(source: str) -> int:
+    path = Path(source)
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+
+
 class ModelRegistry:
-    """Holds the configured models; loads each once, on the device thread, and warms it up."""
+    """Loads each model once, on the device thread, warms it, and keeps on-demand models in budget."""
 
     def __init__(
         self,
@@ -39,12 +98,16 @@ class ModelRegistry:
         *,
         device: torch.device,
         dtype: torch.dtype,
+        worker: InferenceWorker,
         on_state_change: StateListener | None = None,
     ) -> None:
         self.settings = settings
         self.device = device
         self.dtype = dtype
-        self.entries: dict[str, ModelEntry] = {spec.name: ModelEntry(spec) for spec in settings.models}
+        self._worker = worker
+        self.entries: dict[str, ModelEntry] = {
+            spec.name: ModelEntry(spec, pinned=True) for spec in settings.models
+        }
         self._on_state_change = on_state_change
 
     @property
@@ -52,44 +115,125 @@ class ModelRegistry:
         return self.settings.default_model
 
     def entry(self, name: str) -> ModelEntry:
-        """The entry for a request's model name (empty = the default model)."""
+        """The entry for a request's model (empty = the default); allowed sources get one on first use."""
         resolved = name or self.default_model
-        try:
-            return self.entries[resolved]
-        except KeyError:
-            served = ", ".join(self.entries)
+        existing = self.entries.get(resolved)
+        if existing is not None:
+            return existing
+        source = allowed_source(resolved, self.settings.allow_sources)
+        if source is None:
+            served = ", ".join(e.spec.name for e in self.entries.values() if e.pinned)
             raise ModelNotFound(
                 f"model {resolved!r} is not served here; served models: {served}",
                 metadata={"model": resolved},
-            ) from None
+            )
+        entry = ModelEntry(ModelSpec(name=source, source=source), pinned=False, reason="not loaded yet")
+        self.entries[source] = entry
+        return entry
 
     def get(self, name: str) -> LoadedModel:
-        """A ready model, or the error that says why it cannot serve."""
+        """A ready model, or the error that says why it cannot serve now."""
         entry = self.entry(name)
         if entry.state is ModelState.READY and entry.model is not None:
+            entry.last_used = time.monotonic()
             return entry.model
-        if entry.state is ModelState.FAILED:
+        if entry.state is ModelState.FAILED and entry.pinned:
             raise ModelFailed(
                 f"model {entry.spec.name!r} failed to load: {entry.reason}",
                 metadata={"model": entry.spec.name},
             )
-        raise ModelLoading(f"model {entry.spec.name!r} is still loading", metadata={"model": entry.spec.name})
+        raise ModelLoading(f"model {entry.spec.name!r} is loading", metadata={"model": entry.spec.name})
 
-    async def load_all(self, worker: InferenceWorker, *, warm: bool) -> None:
-        """Loads every configured model in order; a failure marks that model FAILED and moves on."""
-        for entry in self.entries.values():
-            await self._load(entry, worker, warm=warm)
+    async def acquire(self, name: str) -> LoadedModel:
+        """A ready model; on-demand models are loaded first (once, however many callers wait)."""
+        entry = self.entry(name)
+        if entry.pinned or entry.state is ModelState.READY:
+            return self.get(name)
+        if entry.loading is None or entry.loading.done():
+            entry.loading = asyncio.get_running_loop().create_task(
+                self._load(entry, warm=self.settings.warmup)
+            )
+        await asyncio.shield(entry.loading)
+        model = self._ready(entry)
+        if model is None:
+            raise ModelUnavailable(
+                f"model {entry.spec.name!r} could not be loaded: {entry.reason}",
+                metadata={"model": entry.spec.name},
+            )
+        entry.last_used = time.monotonic()
+        return model
 
-    async def _load(self, entry: ModelEntry, worker: InferenceWorker, *, warm: bool) -> None:
-        self._set(entry, ModelState.LOADING, "loading")
+    @staticmethod
+    def _ready(entry: ModelEntry) -> LoadedModel | None:
+        return entry.model if entry.state is ModelState.READY else None
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        """Marks a model in use for a request's lifetime, so it is never evicted under it."""
+        entry = self.entry(name)
+        entry.in_use += 1
         try:
-            model = await worker.run_on_device(
+            yield
+        finally:
+            entry.in_use -= 1
+            entry.last_used = time.monotonic()
+
+    async def load_all(self, *, warm: bool) -> None:
+        """Loads every configured model in order; a failure marks that model FAILED and moves on."""
+        for entry in list(self.entries.values()):
+            if entry.pinned:
+                await self._load(entry, warm=warm)
+
+    def _budget_used(self, excluding: ModelEntry | None = None) -> int:
+        return sum(
+            e.parameter_bytes
+            for e in self.entries.values()
+            if not e.pinned and e is not excluding and e.state is ModelState.READY
+        )
+
+    async def _make_room(self, needed: int, keep: ModelEntry) -> None:
+        """Evicts idle on-demand models, least recently used first, until `needed` more bytes fit."""
+        budget = self.settings.memory_budget
+        if not budget:
+            return
+        while self._budget_used(keep) + needed > budget:
+            idle = [
+                e
+                for e in self.entries.values()
+                if not e.pinned and e is not keep and e.state is ModelState.READY and e.in_use == 0
+            ]
+            if not idle:
+                log.warning("memory budget exceeded but every on-demand model is in use")
+                return
+            await self._evict(min(idle, key=lambda e: e.last_used))
+
+    async def _evict(self, entry: ModelEntry) -> None:
+        model, entry.model = entry.model, None
+        entry.last_size = model.parameter_bytes if model is not None else entry.last_size
+        self._set(entry, ModelState.EVICTED, "evicted to stay within the memory budget")
+        del model
+
+        def release() -> None:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+        await self._worker.run_on_device(release)
+        log.info("evicted %s (%d bytes)", entry.spec.name, entry.last_size)
+
+    async def _load(self, entry: ModelEntry, *, warm: bool) -> None:
+        self._set(entry, ModelState.LOADING, "loading")
+        if not entry.pinned:
+            await self._make_room(entry.last_size or _size_on_disk(entry.spec.source), keep=entry)
+        entry.loads += 1
+        try:
+            model = await self._worker.run_on_device(
                 lambda: load_model(
                     entry.spec, device=self.device, dtype=self.dtype, allow_pickle=self.settings.allow_pickle
                 )
             )
             if warm:
-                await worker.run_on_device(warm_up, model)
+                await self._worker.run_on_device(warm_up, model)
         except ServingError as err:
             log.error("model %s cannot serve: %s", entry.spec.name, err.message)
             self._set(entry, ModelState.FAILED, err.message)
@@ -99,7 +243,10 @@ class ModelRegistry:
             self._set(entry, ModelState.FAILED, f"{type(err).__name__}: {err}")
             return
         entry.model = model
+        entry.last_used = time.monotonic()
         self._set(entry, ModelState.READY, "")
+        if not entry.pinned:
+            await self._make_room(0, keep=entry)
 
     def _set(self, entry: ModelEntry, state: ModelState, reason: str) -> None:
         entry.state, entry.reason = state, reason

@@ -76,8 +76,14 @@ async def create_server(settings: Settings) -> RunningServer:
         pending_updates.add(task)
         task.add_done_callback(pending_updates.discard)
 
-    registry = ModelRegistry(settings, device=device, dtype=dtype, on_state_change=on_state_change)
-    worker = InferenceWorker(max_queue=settings.max_queue)
+    worker = InferenceWorker(
+        max_queue=settings.max_queue,
+        max_batch_size=settings.max_batch_size,
+        max_batch_delay=settings.max_batch_delay_ms / 1000,
+    )
+    registry = ModelRegistry(
+        settings, device=device, dtype=dtype, worker=worker, on_state_change=on_state_change
+    )
     servicer = AutoPipelineServicer(settings, registry, worker)
 
     server = grpc.aio.server(
@@ -104,7 +110,7 @@ async def create_server(settings: Settings) -> RunningServer:
     log.debug("settings: %s", describe(settings))
 
     async def load() -> None:
-        await registry.load_all(worker, warm=settings.warmup)
+        await registry.load_all(warm=settings.warmup)
         await asyncio.gather(*pending_updates)
         ready = [e for e in registry.entries.values() if e.state is ModelState.READY]
         overall = SERVING if ready else NOT_SERVING

@@ -13,10 +13,10 @@ import grpc
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server import convert
+from autopipeline_server.calls import PipelineRejected, prepare_call
 from autopipeline_server.codecs import encode_image
-from autopipeline_server.domain import Finished, Preview, Progress, Queued, Started
+from autopipeline_server.domain import Finished, GenerationRequest, Preview, Progress, Queued, Started
 from autopipeline_server.errors import InvalidRequest, ServingError
-from autopipeline_server.pipelines import PipelineRejected, prepare_call
 from autopipeline_server.registry import ModelRegistry
 from autopipeline_server.settings import Settings
 from autopipeline_server.status import REQUEST_ID_KEY, abort
@@ -43,7 +43,27 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         try:
             domain_request = convert.generation_request(request, self._settings.limits)
-            model = self._registry.get(domain_request.model)
+            entry = self._registry.entry(domain_request.model)
+        except Exception as err:
+            await abort(context, err, request_id)
+        if not entry.pinned and entry.model is None:
+            # An on-demand model loads first; tell the caller it is waiting, as for the queue.
+            depth = self._worker.queue_depth
+            yield convert.queued_event(Queued(position=depth, depth=depth + 1))
+        with self._registry.use(entry.spec.name):
+            async for message in self._run(request, domain_request, context, request_id, arrived):
+                yield message
+
+    async def _run(
+        self,
+        request: pb.GenerateRequest,
+        domain_request: GenerationRequest,
+        context: Context,
+        request_id: str,
+        arrived: float,
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            model = await self._registry.acquire(domain_request.model)
             call = prepare_call(model, domain_request)
             job = self._worker.submit(call)
         except Exception as err:

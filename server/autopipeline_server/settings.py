@@ -84,6 +84,15 @@ class Settings:
     warmup: bool = True
     grace: float = 30.0
     allow_pickle: bool = False
+    # Micro-batching: 1 turns it off; compatible requests share a call of up to this many images.
+    max_batch_size: int = 1
+    max_batch_delay_ms: float = 0.0
+    # On-demand models: sources requests may name beyond the configured ones (glob patterns over
+    # hub ids such as "org/*", or over absolute local paths such as "/models/*").
+    allow_sources: tuple[str, ...] = ()
+    # Parameter bytes loaded on-demand models may hold together before the least recently used
+    # is evicted; 0 means no budget. Configured models are pinned and not counted.
+    memory_budget: int = 0
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -109,6 +118,15 @@ class Settings:
             raise ConfigError("max_queue must be at least 1")
         if self.grace < 0:
             raise ConfigError("grace must not be negative")
+        if self.max_batch_size < 1:
+            raise ConfigError("max_batch_size must be at least 1 (1 turns batching off)")
+        if not 0 <= self.max_batch_delay_ms <= 10_000:
+            raise ConfigError("max_batch_delay_ms must be between 0 and 10000")
+        if self.memory_budget < 0:
+            raise ConfigError("memory_budget must not be negative")
+        for pattern in self.allow_sources:
+            if "://" in pattern or ".." in Path(pattern).parts or not pattern.strip("*/"):
+                raise ConfigError(f"allow_sources pattern {pattern!r} must be a hub id or absolute path glob")
         self.limits.validate()
         return self
 
@@ -131,10 +149,30 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str | int) -> int:
+    """Parses a byte count such as 8589934592, "8GiB" or "512 MB"."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(text)
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+
+
 def _coerce(name: str, value: Any, target: Any) -> Any:
     """Converts a config/env value to the type of the default it replaces."""
     kind = type(target)
     try:
+        if name == "memory_budget":
+            return parse_size(value)
+        if kind is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(item).strip() for item in items if str(item).strip())
         if kind is bool:
             if isinstance(value, str):
                 if value.lower() in ("1", "true", "yes", "on"):

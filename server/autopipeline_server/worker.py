@@ -1,4 +1,4 @@
-"""The inference worker: a bounded queue owned by the event loop, feeding one device thread."""
+"""The inference worker: a bounded queue owned by the event loop, feeding one device thread, with batching."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import PIL.Image
 
+from autopipeline_server.calls import CallCancelled, PreparedCall, run_batch
 from autopipeline_server.domain import Event, Finished, Preview, Progress, Queued, Started
-from autopipeline_server.errors import QueueFull, RequestCancelled, ShuttingDown
-from autopipeline_server.pipelines import CallCancelled, PreparedCall, run_call
+from autopipeline_server.errors import QueueFull, RequestCancelled, ServingError, ShuttingDown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,15 +28,33 @@ class _Failed:
     error: BaseException
 
 
+@dataclass
+class WorkerStats:
+    """Counters for operators and tests; only the event loop writes them."""
+
+    submitted: int = 0
+    rejected_full: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled_queued: int = 0
+    cancelled_running: int = 0
+    pipeline_calls: int = 0
+    batched_calls: int = 0
+    largest_batch: int = 0
+
+
 class Job:
     """One queued request: its prepared call, its event stream and its cancellation flag."""
 
     def __init__(self, call: PreparedCall, loop: asyncio.AbstractEventLoop) -> None:
         self.call = call
+        self.images = len(call.seeds)
+        self.batch_key = call.batch_key()
         self.arrived = time.perf_counter()
         self._loop = loop
         self._events: asyncio.Queue[Event | _Failed] = asyncio.Queue()
         self._cancel = threading.Event()
+        self.cancel_reason: ServingError = RequestCancelled("cancelled while running")
         self.done = False
         self.last_position: int | None = None
 
@@ -51,7 +69,9 @@ class Job:
     def emit(self, event: Event | _Failed) -> None:
         self._events.put_nowait(event)
 
-    def cancel(self) -> None:
+    def cancel(self, reason: ServingError | None = None) -> None:
+        if reason is not None:
+            self.cancel_reason = reason
         self._cancel.set()
 
     async def events(self) -> AsyncIterator[Event]:
@@ -66,10 +86,11 @@ class Job:
 
 
 class _Hooks:
-    """Turns a running call's progress into the job's events (on the worker thread)."""
+    """Turns a running call's progress into one job's events (on the worker thread)."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, batch_size: int) -> None:
         self._job = job
+        self._batch_size = batch_size
         self._started_at = 0.0
 
     def started(self, total_steps: int) -> None:
@@ -81,7 +102,7 @@ class _Hooks:
                 pipeline_class=call.target.pipeline_class,
                 total_steps=total_steps,
                 seeds=call.seeds,
-                batch_size=1,
+                batch_size=self._batch_size,
                 width=call.width,
                 height=call.height,
                 scheduler=call.scheduler,
@@ -89,11 +110,13 @@ class _Hooks:
         )
 
     def step(self, step: int, total_steps: int) -> None:
-        self._job.emit_threadsafe(Progress(step, total_steps, time.perf_counter() - self._started_at))
+        if not self._job.cancelled():
+            self._job.emit_threadsafe(Progress(step, total_steps, time.perf_counter() - self._started_at))
 
     def preview(self, step: int, images: list[PIL.Image.Image]) -> None:
-        for index, image in enumerate(images):
-            self._job.emit_threadsafe(Preview(step, index, image))
+        if not self._job.cancelled():
+            for index, image in enumerate(images):
+                self._job.emit_threadsafe(Preview(step, index, image))
 
     def cancelled(self) -> bool:
         return self._job.cancelled()
@@ -104,17 +127,23 @@ class InferenceWorker:
 
     diffusers pipelines are not thread-safe, so every call (and every model load) for the device
     goes through this one thread. Queue bookkeeping happens only on the event loop, so it needs
-    no locks; callers learn their position at once and whenever it changes.
+    no locks; callers learn their position at once and whenever it changes. With
+    `max_batch_size` > 1, compatible queued requests (equal `PreparedCall.batch_key`) share one
+    pipeline call of up to that many images; the head of the queue waits at most
+    `max_batch_delay` seconds for company.
     """
 
-    def __init__(self, *, max_queue: int) -> None:
+    def __init__(self, *, max_queue: int, max_batch_size: int = 1, max_batch_delay: float = 0.0) -> None:
         self.max_queue = max_queue
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay = max_batch_delay
+        self.stats = WorkerStats()
         self._pending: collections.deque[Job] = collections.deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._running: Job | None = None
+        self._running: list[Job] = []
         self._accepting = True
         self._task: asyncio.Task[None] | None = None
 
@@ -124,7 +153,7 @@ class InferenceWorker:
 
     @property
     def running(self) -> int:
-        return 0 if self._running is None else 1
+        return len(self._running)
 
     def start(self) -> None:
         if self._task is None:
@@ -139,27 +168,32 @@ class InferenceWorker:
         if not self._accepting:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if len(self._pending) >= self.max_queue:
+            self.stats.rejected_full += 1
             raise QueueFull(
                 f"the queue is full ({self.max_queue} requests waiting); retry later",
                 retry_after=self._retry_hint(),
             )
         job = Job(call, asyncio.get_running_loop())
+        self.stats.submitted += 1
         self._pending.append(job)
         self._idle.clear()
         self._announce_positions()
         self._wakeup.set()
         return job
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: Job, reason: ServingError | None = None) -> None:
         """Drops a queued job, or asks a running one to stop at its next denoising step."""
         if job.done:
             return
-        job.cancel()
+        job.cancel(reason)
         try:
             self._pending.remove(job)
         except ValueError:
             return  # running: the flag stops it between steps
         job.done = True
+        self.stats.cancelled_queued += 1
+        if reason is not None:
+            job.emit(_Failed(reason))
         self._announce_positions()
         self._update_idle()
 
@@ -172,11 +206,9 @@ class InferenceWorker:
             log.warning(
                 "grace period of %.1fs ended; cancelling %d jobs", grace, self.queue_depth + self.running
             )
-            for job in list(self._pending):
-                self.cancel(job)
-                job.emit(_Failed(ShuttingDown("the server shut down before this request ran")))
-            if self._running is not None:
-                self._running.cancel()
+            reason = ShuttingDown("the server shut down before this request finished; retry elsewhere")
+            for job in [*self._pending, *self._running]:
+                self.cancel(job, reason)
             await self._idle.wait()
 
     async def close(self) -> None:
@@ -197,45 +229,96 @@ class InferenceWorker:
                 job.emit(Queued(position=position, depth=depth))
 
     def _update_idle(self) -> None:
-        if not self._pending and self._running is None:
+        if not self._pending and not self._running:
             self._idle.set()
+
+    def _take_companions(self, batch: list[Job]) -> None:
+        """Moves queued jobs compatible with the batch's head into it, in queue order."""
+        key = batch[0].batch_key
+        room = self.max_batch_size - sum(job.images for job in batch)
+        for job in list(self._pending):
+            if room <= 0:
+                break
+            if job.batch_key == key and job.images <= room:
+                self._pending.remove(job)
+                batch.append(job)
+                room -= job.images
+
+    async def _fill(self, batch: list[Job]) -> None:
+        """Adds compatible company to a batch, waiting up to `max_batch_delay` for more to arrive."""
+        if self.max_batch_size <= 1 or batch[0].batch_key is None:
+            return
+        self._take_companions(batch)
+        deadline = time.monotonic() + self.max_batch_delay
+        while sum(job.images for job in batch) < self.max_batch_size and self._accepting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+            self._take_companions(batch)
+        for job in batch[1:]:
+            if job.cancelled():  # went away while the batch was forming
+                batch.remove(job)
+                job.done = True
+                self.stats.cancelled_queued += 1
 
     async def _loop(self) -> None:
         while True:
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            job = self._pending.popleft()
-            self._running = job
+            # A forming batch counts as running, so drain() does not see an idle worker meanwhile.
+            batch = [self._pending.popleft()]
+            self._running = batch
             self._announce_positions()
             try:
-                await self._execute(job)
+                await self._fill(batch)
+                self._announce_positions()
+                await self._execute(batch)
             finally:
-                job.done = True
-                self._running = None
+                for job in batch:
+                    job.done = True
+                self._running = []
                 self._update_idle()
 
-    async def _execute(self, job: Job) -> None:
+    async def _execute(self, batch: list[Job]) -> None:
         started = time.perf_counter()
+        self.stats.pipeline_calls += 1
+        if len(batch) > 1:
+            self.stats.batched_calls += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, sum(job.images for job in batch))
+        hooks = [_Hooks(job, len(batch)) for job in batch]
         try:
-            images = await self.run_on_device(run_call, job.call, _Hooks(job))
+            results = await self.run_on_device(run_batch, [job.call for job in batch], hooks)
         except CallCancelled:
-            job.emit(_Failed(RequestCancelled("cancelled while running")))
-            log.info(
-                "cancelled a running %s call on %s", job.call.target.task.value, job.call.model.spec.name
-            )
+            for job in batch:
+                self.stats.cancelled_running += 1
+                job.emit(_Failed(job.cancel_reason))
+            call = batch[0].call
+            log.info("cancelled a running %s call on %s", call.target.task.value, call.model.spec.name)
             return
-        except Exception as err:  # the call's failure is the job's, never the worker's
-            job.emit(_Failed(err))
+        except Exception as err:  # the call's failure is its requests', never the worker's
+            self.stats.failed += len(batch)
+            for job in batch:
+                job.emit(_Failed(err))
             return
-        job.emit(
-            Finished(
-                model=job.call.model.spec.name,
-                pipeline_class=job.call.target.pipeline_class,
-                images=tuple(images),
-                seeds=job.call.seeds,
-                parameters=job.call.resolved_parameters(),
-                queued_seconds=started - job.arrived,
-                running_seconds=time.perf_counter() - started,
+        finished = time.perf_counter()
+        for job, images in zip(batch, results, strict=True):
+            if job.cancelled():
+                self.stats.cancelled_running += 1
+                job.emit(_Failed(job.cancel_reason))
+                continue
+            self.stats.completed += 1
+            job.emit(
+                Finished(
+                    model=job.call.model.spec.name,
+                    pipeline_class=job.call.target.pipeline_class,
+                    images=tuple(images),
+                    seeds=job.call.seeds,
+                    parameters=job.call.resolved_parameters(),
+                    queued_seconds=started - job.arrived,
+                    running_seconds=finished - started,
+                )
             )
-        )

@@ -30,6 +30,7 @@ Rules of the wire, for clients in any language:
   | RESOURCE_EXHAUSTED  | QUEUE_FULL             | the queue is full; retry after RetryInfo      |
   | RESOURCE_EXHAUSTED  | OUT_OF_MEMORY          | the device ran out of memory for this request |
   | UNAVAILABLE         | MODEL_LOADING          | the model is still loading                    |
+  | UNAVAILABLE         | MODEL_LOAD_FAILED      | an on-demand model failed to load this time   |
   | UNAVAILABLE         | SHUTTING_DOWN          | the server is draining                        |
   | INTERNAL            | INTERNAL_ERROR         | a bug; the log holds the request id           |
 """
@@ -122,6 +123,10 @@ class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState
     """Loaded, warm and serving."""
     MODEL_STATE_FAILED: _ModelState.ValueType  # 3
     """Loading failed; `ModelInfo.state_reason` says why."""
+    MODEL_STATE_EVICTED: _ModelState.ValueType  # 4
+    """An on-demand model unloaded to stay within the memory budget; the next
+    request for it loads it again.
+    """
 
 class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
     """The lifecycle state of a served model."""
@@ -134,6 +139,10 @@ MODEL_STATE_READY: ModelState.ValueType  # 2
 """Loaded, warm and serving."""
 MODEL_STATE_FAILED: ModelState.ValueType  # 3
 """Loading failed; `ModelInfo.state_reason` says why."""
+MODEL_STATE_EVICTED: ModelState.ValueType  # 4
+"""An on-demand model unloaded to stay within the memory budget; the next
+request for it loads it again.
+"""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
 @_typing.final
@@ -189,7 +198,11 @@ class GenerateRequest(_message.Message):
     PREVIEW_INTERVAL_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The served model name; empty selects the server's default model."""
+    """The served model name; empty selects the server's default model. Where
+    the operator allows on-demand sources, a matching hub id ("org/name") or
+    absolute local path also works: it is loaded on first use (the caller
+    sees `queued` events meanwhile) and may be evicted when memory is short.
+    """
     task: Global___Task.ValueType
     """What to do. Required."""
     prompt: _builtins.str
@@ -705,6 +718,9 @@ class ServerInfo(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
     DEFAULT_MODEL_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
+    BATCHING_FIELD_NUMBER: _builtins.int
+    ALLOWED_SOURCES_FIELD_NUMBER: _builtins.int
+    MEMORY_BUDGET_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """autopipeline-grpc version."""
     diffusers_version: _builtins.str
@@ -719,9 +735,21 @@ class ServerInfo(_message.Message):
     """The name of the model used when a request names none."""
     running: _builtins.int
     """Requests running on the device now."""
+    memory_budget: _builtins.int
+    """Parameter bytes on-demand models may hold together; 0: no budget."""
     @_builtins.property
     def limits(self) -> Global___Limits:
         """The limits requests must respect."""
+
+    @_builtins.property
+    def batching(self) -> Global___Batching:
+        """How compatible requests are batched into one pipeline call."""
+
+    @_builtins.property
+    def allowed_sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """On-demand model sources requests may name (glob patterns); empty: only
+        the configured models are served.
+        """
 
     def __init__(
         self,
@@ -734,14 +762,47 @@ class ServerInfo(_message.Message):
         queue_depth: _builtins.int = ...,
         default_model: _builtins.str = ...,
         running: _builtins.int = ...,
+        batching: Global___Batching | None = ...,
+        allowed_sources: _abc.Iterable[_builtins.str] | None = ...,
+        memory_budget: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_model", b"default_model", "device", b"device", "diffusers_version", b"diffusers_version", "limits", b"limits", "queue_depth", b"queue_depth", "running", b"running", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_sources", b"allowed_sources", "batching", b"batching", "default_model", b"default_model", "device", b"device", "diffusers_version", b"diffusers_version", "limits", b"limits", "memory_budget", b"memory_budget", "queue_depth", b"queue_depth", "running", b"running", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerInfo: _TypeAlias = ServerInfo  # noqa: Y015
+
+@_typing.final
+class Batching(_message.Message):
+    """Micro-batching: requests that differ only in prompts, inputs and seeds
+    share one pipeline call.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_DELAY_FIELD_NUMBER: _builtins.int
+    max_batch_size: _builtins.int
+    """Images one batched call may hold; 1 means batching is off."""
+    @_builtins.property
+    def max_delay(self) -> _duration_pb2.Duration:
+        """How long the first request of a batch may wait for company."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_size: _builtins.int = ...,
+        max_delay: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_delay", b"max_delay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_delay", b"max_delay"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Batching: _TypeAlias = Batching  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):

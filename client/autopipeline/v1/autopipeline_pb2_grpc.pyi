@@ -30,6 +30,7 @@ Rules of the wire, for clients in any language:
   | RESOURCE_EXHAUSTED  | QUEUE_FULL             | the queue is full; retry after RetryInfo      |
   | RESOURCE_EXHAUSTED  | OUT_OF_MEMORY          | the device ran out of memory for this request |
   | UNAVAILABLE         | MODEL_LOADING          | the model is still loading                    |
+  | UNAVAILABLE         | MODEL_LOAD_FAILED      | an on-demand model failed to load this time   |
   | UNAVAILABLE         | SHUTTING_DOWN          | the server is draining                        |
   | INTERNAL            | INTERNAL_ERROR         | a bug; the log holds the request id           |
 """
