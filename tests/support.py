@@ -38,9 +38,13 @@ class ServerThread:
         try:
             self.call(self.running.stop(grace))
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+            self.close_loop()
+
+    def close_loop(self) -> None:
+        """Ends the event-loop thread (after the server was stopped, or by `stop`)."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
 
 
 def png_bytes(image: PIL.Image.Image) -> bytes:

@@ -1,0 +1,433 @@
+"""The serving runtime under load: admission, cancellation, deadlines, batching, the model cache, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import numpy as np
+import PIL.Image
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from autopipeline.v1 import autopipeline_pb2 as pb
+from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
+from autopipeline_server.domain import ModelState
+from autopipeline_server.settings import ModelSpec, Settings
+from autopipeline_server.tiny import build_tiny_checkpoint
+
+from .support import ServerThread, png_bytes
+
+SHORT = {"task": pb.TASK_TEXT_TO_IMAGE, "num_inference_steps": 3, "width": 64, "height": 64}
+# Long enough (hundreds of steps at 256x256) that it is still running when the test acts on it.
+LONG = {"task": pb.TASK_TEXT_TO_IMAGE, "num_inference_steps": 500, "width": 256, "height": 256}
+
+
+def tiny_settings(checkpoints: dict[str, Path], **overrides: object) -> Settings:
+    base: dict[str, object] = {
+        "models": (ModelSpec("sd15", str(checkpoints["sd15"])), ModelSpec("sdxl", str(checkpoints["sdxl"]))),
+        "host": "127.0.0.1",
+        "port": 0,
+        "device": "cpu",
+        "grace": 30.0,
+    }
+    base.update(overrides)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def small_queue(checkpoints: dict[str, Path]) -> Iterator[ServerThread]:
+    server = ServerThread(tiny_settings(checkpoints, max_queue=16))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def batching(checkpoints: dict[str, Path]) -> Iterator[ServerThread]:
+    server = ServerThread(tiny_settings(checkpoints, max_batch_size=8, max_batch_delay_ms=300))
+    yield server
+    server.stop()
+
+
+async def collect(
+    stub: pb_grpc.AutoPipelineServiceStub, request: pb.GenerateRequest, timeout: float | None = 120
+) -> list[pb.GenerateResponse] | grpc.aio.AioRpcError:
+    try:
+        return [event async for event in stub.Generate(request, timeout=timeout)]
+    except grpc.aio.AioRpcError as err:
+        return err
+
+
+def wait_for(predicate: object, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
+# ------------------------------------------------------------------------------------------ admission
+
+
+def test_64_concurrent_streams_against_a_queue_of_16(small_queue: ServerThread) -> None:
+    async def main() -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
+        async with grpc.aio.insecure_channel(small_queue.target) as channel:
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+            requests = [pb.GenerateRequest(prompt=f"p{i}", seed=i, **SHORT) for i in range(64)]
+            return await asyncio.gather(*(collect(stub, r) for r in requests))
+
+    outcomes = asyncio.run(main())
+    completed = [o for o in outcomes if isinstance(o, list)]
+    rejected = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(completed) + len(rejected) == 64
+    assert completed, "nothing was served"
+    assert rejected, "a queue of 16 cannot hold 64 requests"
+    for events in completed:
+        assert events[-1].HasField("completed")
+        assert any(e.HasField("image") for e in events)
+        positions = [e.queued.position for e in events if e.HasField("queued")]
+        assert positions == sorted(positions, reverse=True), "positions only move forward"
+    for err in rejected:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+        assert status is not None
+        retry = error_details_pb2.RetryInfo()
+        assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
+        assert retry.retry_delay.ToMilliseconds() > 0
+    stats = small_queue.running.worker.stats
+    assert stats.rejected_full >= len(rejected)
+    with grpc.insecure_channel(small_queue.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        assert list(stub.Generate(pb.GenerateRequest(prompt="after", **SHORT)))[-1].HasField("completed")
+        assert stub.Inspect(pb.InspectRequest()).server.queue_depth == 0
+
+
+# ------------------------------------------------------------------------------ cancellation, deadlines
+
+
+def test_cancelled_running_request_frees_the_worker(small_queue: ServerThread) -> None:
+    stats = small_queue.running.worker.stats
+    cancelled_before = stats.cancelled_running
+    with grpc.insecure_channel(small_queue.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        long_call = stub.Generate(pb.GenerateRequest(prompt="long", seed=1, **LONG))
+        steps = []
+        for event in long_call:
+            if event.HasField("progress"):
+                steps.append((time.perf_counter(), event.progress.step))
+                if len(steps) == 3:
+                    break
+        per_step = (steps[-1][0] - steps[0][0]) / (steps[-1][1] - steps[0][1])
+        would_finish_at = steps[-1][0] + per_step * (LONG["num_inference_steps"] - steps[-1][1])
+        long_call.cancel()
+        events = list(stub.Generate(pb.GenerateRequest(prompt="next", **SHORT), timeout=60))
+        assert events[-1].HasField("completed")
+        assert time.perf_counter() < would_finish_at, "the next request waited for the cancelled one"
+    wait_for(lambda: stats.cancelled_running == cancelled_before + 1)
+    assert small_queue.running.worker.running == 0
+
+
+def test_queued_request_whose_deadline_passes_never_runs(small_queue: ServerThread) -> None:
+    stats = small_queue.running.worker.stats
+    with grpc.insecure_channel(small_queue.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        blocker = stub.Generate(pb.GenerateRequest(prompt="blocker", seed=2, **LONG))
+        next(e for e in blocker if e.HasField("progress"))
+        calls_before, cancelled_before = stats.pipeline_calls, stats.cancelled_queued
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Generate(pb.GenerateRequest(prompt="late", **SHORT), timeout=0.5))
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: stats.cancelled_queued == cancelled_before + 1)
+        assert small_queue.running.worker.queue_depth == 0
+        blocker.cancel()
+    wait_for(lambda: small_queue.running.worker.running == 0)
+    assert stats.pipeline_calls == calls_before, "the expired request reached the device"
+
+
+# ------------------------------------------------------------------------------------------- batching
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    with PIL.Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def _image(events: list[pb.GenerateResponse], index: int = 0) -> bytes:
+    return b"".join(e.image.image.data for e in events if e.HasField("image") and e.image.index == index)
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_batched_requests_match_solo_requests(
+    batching: ServerThread, server: ServerThread, input_png: bytes, model: str
+) -> None:
+    variants = [
+        {"prompt": "a red fox", "seed": 11},
+        {"prompt": "a blue whale", "seed": 12, "num_images": 2},
+        {"prompt": "a green tree", "seed": 13},
+    ]
+
+    async def batched() -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
+        async with grpc.aio.insecure_channel(batching.target) as channel:
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+            return await asyncio.gather(
+                *(collect(stub, pb.GenerateRequest(model=model, **SHORT, **v)) for v in variants)  # type: ignore[arg-type]
+            )
+
+    calls_before = batching.running.worker.stats.batched_calls
+    results = asyncio.run(batched())
+    assert batching.running.worker.stats.batched_calls > calls_before
+    with grpc.insecure_channel(server.target) as channel:
+        solo_stub = pb_grpc.AutoPipelineServiceStub(channel)
+        for variant, events in zip(variants, results, strict=True):
+            assert isinstance(events, list), events
+            started = next(e.started for e in events if e.HasField("started"))
+            assert started.batch_size > 1, "the requests did not share a call"
+            count = int(variant.get("num_images", 1))
+            assert list(started.seeds) == [int(variant["seed"]) + i for i in range(count)]
+            for index in range(count):
+                solo = list(
+                    solo_stub.Generate(
+                        pb.GenerateRequest(
+                            model=model,
+                            **SHORT,
+                            prompt=str(variant["prompt"]),
+                            seed=int(variant["seed"]) + index,
+                        )
+                    )
+                )
+                difference = np.abs(_pixels(_image(events, index)) - _pixels(_image(solo))).max()
+                assert difference <= 1, f"batched image differs from solo by {difference}/255"
+
+
+def test_batched_image_to_image_keeps_each_input(batching: ServerThread, server: ServerThread) -> None:
+    inputs = [PIL.Image.new("RGB", (64, 64), colour) for colour in ((200, 30, 30), (30, 30, 200))]
+    requests = [
+        pb.GenerateRequest(
+            task=pb.TASK_IMAGE_TO_IMAGE,
+            prompt="p",
+            seed=5,
+            strength=0.5,
+            num_inference_steps=4,
+            image=pb.Image(data=png_bytes(image)),
+        )
+        for image in inputs
+    ]
+
+    async def batched() -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
+        async with grpc.aio.insecure_channel(batching.target) as channel:
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+            return await asyncio.gather(*(collect(stub, r) for r in requests))
+
+    results = asyncio.run(batched())
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        for request, events in zip(requests, results, strict=True):
+            assert isinstance(events, list), events
+            assert next(e.started for e in events if e.HasField("started")).batch_size == 2
+            solo = list(stub.Generate(request))
+            assert np.abs(_pixels(_image(events)) - _pixels(_image(solo))).max() <= 1
+
+
+def test_cancelled_batch_member_does_not_spoil_the_others(batching: ServerThread) -> None:
+    async def main() -> tuple[list[pb.GenerateResponse] | grpc.aio.AioRpcError, bool]:
+        async with grpc.aio.insecure_channel(batching.target) as channel:
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+            slow = {**LONG, "num_inference_steps": 60}
+            keeper = asyncio.ensure_future(collect(stub, pb.GenerateRequest(prompt="keep", seed=1, **slow)))
+            leaver = stub.Generate(pb.GenerateRequest(prompt="leave", seed=2, **slow))
+            async for event in leaver:
+                if event.HasField("progress"):
+                    assert event.progress.step >= 1
+                    leaver.cancel()
+                    break
+            return await keeper, leaver.cancelled()
+
+    kept, cancelled = asyncio.run(main())
+    assert cancelled
+    assert isinstance(kept, list), kept
+    assert next(e.started for e in kept if e.HasField("started")).batch_size == 2
+    assert kept[-1].HasField("completed") and _image(kept)
+
+
+def test_incompatible_requests_are_not_batched(batching: ServerThread) -> None:
+    async def main() -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
+        async with grpc.aio.insecure_channel(batching.target) as channel:
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+            return await asyncio.gather(
+                collect(stub, pb.GenerateRequest(prompt="a", **SHORT)),
+                collect(stub, pb.GenerateRequest(prompt="b", **{**SHORT, "num_inference_steps": 4})),
+            )
+
+    for events in asyncio.run(main()):
+        assert isinstance(events, list), events
+        assert next(e.started for e in events if e.HasField("started")).batch_size == 1
+
+
+# --------------------------------------------------------------------------------------- model cache
+
+
+@pytest.fixture(scope="module")
+def allowed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("allowed")
+    for seed in (1, 2, 3):
+        build_tiny_checkpoint("sd15", root / f"m{seed}", seed=seed)
+    return root
+
+
+@pytest.fixture
+def cache_server(checkpoints: dict[str, Path], allowed_dir: Path) -> Iterator[ServerThread]:
+    model_bytes = sum(f.stat().st_size for f in (allowed_dir / "m1").rglob("*.safetensors"))
+    server = ServerThread(
+        tiny_settings(
+            checkpoints,
+            allow_sources=(f"{allowed_dir}/*",),
+            # Room for one on-demand model at a time.
+            memory_budget=int(model_bytes * 1.5),
+        )
+    )
+    yield server
+    server.stop()
+
+
+def test_on_demand_models_load_once_and_are_evicted_lru(
+    cache_server: ServerThread, allowed_dir: Path
+) -> None:
+    m1, m2 = str(allowed_dir / "m1"), str(allowed_dir / "m2")
+    registry = cache_server.running.registry
+
+    async def concurrently(model: str, n: int) -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
+        async with grpc.aio.insecure_channel(cache_server.target) as channel:
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+            return await asyncio.gather(
+                *(collect(stub, pb.GenerateRequest(model=model, prompt=str(i), **SHORT)) for i in range(n))
+            )
+
+    first = asyncio.run(concurrently(m1, 5))
+    for events in first:
+        assert isinstance(events, list), events
+        assert events[0].HasField("queued") and events[-1].HasField("completed")
+    assert registry.entries[m1].loads == 1, "concurrent first requests loaded the model more than once"
+
+    with grpc.insecure_channel(cache_server.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        assert list(stub.Generate(pb.GenerateRequest(model=m2, prompt="x", **SHORT)))[-1].HasField(
+            "completed"
+        )
+        models = {m.name: m for m in stub.Inspect(pb.InspectRequest()).models}
+        assert models[m1].state == pb.MODEL_STATE_EVICTED
+        assert models[m2].state == pb.MODEL_STATE_READY and models[m2].parameter_bytes > 0
+        assert models["sd15"].state == pb.MODEL_STATE_READY, "configured models are pinned"
+        assert stub.Inspect(pb.InspectRequest()).server.memory_budget > 0
+
+        assert list(stub.Generate(pb.GenerateRequest(model=m1, prompt="again", **SHORT)))[-1].HasField(
+            "completed"
+        )
+    assert registry.entries[m1].loads == 2
+    assert registry.entries[m2].state is ModelState.EVICTED
+
+
+def test_only_allowed_sources_can_be_named(
+    cache_server: ServerThread, allowed_dir: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    shutil.copytree(allowed_dir / "m3", outside)
+    link = allowed_dir / "link-to-outside"
+    link.symlink_to(outside, target_is_directory=True)
+    with grpc.insecure_channel(cache_server.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        for name in (
+            str(outside),
+            f"{allowed_dir}/../outside",
+            str(link),
+            "https://example.com/model",
+            "relative/dir/../../etc",
+            "/etc/passwd",
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Generate(pb.GenerateRequest(model=name, prompt="x", **SHORT)))
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND, name
+    assert not [e for e in cache_server.running.registry.entries.values() if "outside" in e.spec.source]
+
+
+def test_on_demand_load_failure_is_unavailable_with_the_reason(
+    cache_server: ServerThread, allowed_dir: Path
+) -> None:
+    broken = allowed_dir / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "model_index.json").write_text('{"_class_name": "DDPMPipeline"}')
+    with grpc.insecure_channel(cache_server.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Generate(pb.GenerateRequest(model=str(broken), prompt="x", **SHORT)))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "DDPMPipeline" in caught.value.details()
+        (info,) = stub.Inspect(pb.InspectRequest(model=str(broken))).models
+        assert info.state == pb.MODEL_STATE_FAILED and "DDPMPipeline" in info.state_reason
+
+
+# ---------------------------------------------------------------------------------------------- drain
+
+
+def test_drain_finishes_in_flight_work_and_refuses_new(checkpoints: dict[str, Path]) -> None:
+    server = ServerThread(tiny_settings(checkpoints))
+    try:
+
+        async def main() -> tuple[list[object], list[object], int]:
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                stub = pb_grpc.AutoPipelineServiceStub(channel)
+                health = health_pb2_grpc.HealthStub(channel)
+                slow = {**LONG, "num_inference_steps": 40}
+                in_flight = [
+                    asyncio.ensure_future(collect(stub, pb.GenerateRequest(prompt=str(i), seed=i, **slow)))
+                    for i in range(3)
+                ]
+                while server.running.worker.running == 0:
+                    await asyncio.sleep(0.01)
+                stopping = asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(server.running.stop(30), server.loop)
+                )
+                await asyncio.sleep(0.2)
+                status = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+                late = [await collect(stub, pb.GenerateRequest(prompt="late", **SHORT))]
+                done = await asyncio.gather(*in_flight)
+                await stopping
+                return list(done), late, status
+
+        done, late, status = asyncio.run(main())
+        for events in done:
+            assert isinstance(events, list), events
+            assert events[-1].HasField("completed")
+        assert isinstance(late[0], grpc.aio.AioRpcError)
+        assert late[0].code() == grpc.StatusCode.UNAVAILABLE
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        server.close_loop()
+
+
+def test_drain_cancels_what_outlives_the_grace_period(checkpoints: dict[str, Path]) -> None:
+    server = ServerThread(tiny_settings(checkpoints))
+    try:
+
+        async def main() -> list[pb.GenerateResponse] | grpc.aio.AioRpcError:
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                stub = pb_grpc.AutoPipelineServiceStub(channel)
+                call = asyncio.ensure_future(collect(stub, pb.GenerateRequest(prompt="too long", **LONG)))
+                while server.running.worker.running == 0:
+                    await asyncio.sleep(0.01)
+                await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(server.running.stop(0.5), server.loop)
+                )
+                return await call
+
+        outcome = asyncio.run(main())
+        assert isinstance(outcome, grpc.aio.AioRpcError)
+        assert outcome.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.close_loop()
