@@ -2,34 +2,78 @@
 
 Usage: python benchmarks/latency.py [--family sd15] [--requests 50] [--steps 4] [--size 64]
 Prints median and p95 wall time for both paths and the overhead the server adds.
+
+The server runs as its own process, as in production, and the direct calls run in another child
+process: torch called from two threads of one process keeps two OpenMP pools competing for the
+cores (on 2 cores the second thread ran several times slower), and an in-process server would
+share the client's GIL.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import torch
-from diffusers import AutoPipelineForText2Image
 
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
-from autopipeline_server.settings import ModelSpec, Settings
-from autopipeline_server.tiny import build_tiny_checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.support import ServerThread
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _serve import server_process
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def direct_timings(checkpoint: Path, requests: int, steps: int, size: int) -> list[float]:
+    """Wall times of direct pipeline calls, measured in this (child) process."""
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    pipe = AutoPipelineForText2Image.from_pretrained(checkpoint, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    timings = []
+    for i in range(requests + 1):
+        started = time.perf_counter()
+        pipe(
+            "a lighthouse",
+            num_inference_steps=steps,
+            width=size,
+            height=size,
+            generator=torch.Generator("cpu").manual_seed(i),
+            output_type="pil",
+        )
+        timings.append(time.perf_counter() - started)
+    return timings[1:]  # the first call warms up
+
+
+def served_timings(checkpoint: Path, requests: int, steps: int, size: int) -> list[float]:
+    timings = []
+    with server_process("--model", f"tiny={checkpoint}") as target, grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        for i in range(requests + 1):
+            request = pb.GenerateRequest(
+                task=pb.TASK_TEXT_TO_IMAGE,
+                prompt="a lighthouse",
+                num_inference_steps=steps,
+                width=size,
+                height=size,
+                seed=i,
+            )
+            started = time.perf_counter()
+            events = list(stub.Generate(request))
+            timings.append(time.perf_counter() - started)
+            assert events[-1].HasField("completed")
+    return timings[1:]
 
 
 def main() -> None:
@@ -40,58 +84,38 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--direct-in", type=Path, help=argparse.SUPPRESS)  # the child process's mode
     args = parser.parse_args()
+    if args.direct_in:
+        print(json.dumps(direct_timings(args.direct_in, args.requests, args.steps, args.size)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = build_tiny_checkpoint(args.family, Path(tmp) / args.family)
-        pipe = AutoPipelineForText2Image.from_pretrained(checkpoint, use_safetensors=True)
-        pipe.set_progress_bar_config(disable=True)
-
-        def direct(seed: int) -> None:
-            pipe(
-                "a lighthouse",
-                num_inference_steps=args.steps,
-                width=args.size,
-                height=args.size,
-                generator=torch.Generator("cpu").manual_seed(seed),
-                output_type="pil",
-            )
-
-        timings: dict[str, list[float]] = {"direct": [], "served": []}
-
-        def measure(name: str, fn: Callable[[int], None]) -> None:
-            fn(0)  # warm this path
-            for i in range(args.requests):
-                started = time.perf_counter()
-                fn(i)
-                timings[name].append(time.perf_counter() - started)
-
-        # The direct baseline runs before the server exists: torch on two threads of one process
-        # keeps both OpenMP pools spinning on a 2-core machine and would slow both paths.
-        measure("direct", direct)
-        server = ServerThread(
-            Settings(models=(ModelSpec("tiny", str(checkpoint)),), host="127.0.0.1", port=0)
+        checkpoint = Path(tmp) / args.family
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "autopipeline_server.cli",
+                "tiny-model",
+                "--family",
+                args.family,
+                str(checkpoint),
+            ],
+            check=True,
+            capture_output=True,
         )
-        try:
-            with grpc.insecure_channel(server.target) as channel:
-                stub = pb_grpc.AutoPipelineServiceStub(channel)
-
-                def served(seed: int) -> None:
-                    request = pb.GenerateRequest(
-                        task=pb.TASK_TEXT_TO_IMAGE,
-                        prompt="a lighthouse",
-                        num_inference_steps=args.steps,
-                        width=args.size,
-                        height=args.size,
-                        seed=seed,
-                    )
-                    events = list(stub.Generate(request))
-                    assert events[-1].HasField("completed")
-
-                measure("served", served)
-        finally:
-            server.stop()
+        child = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--direct-in", str(checkpoint)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        timings = {
+            "direct": json.loads(child.stdout.strip().splitlines()[-1]),
+            "served": served_timings(checkpoint, args.requests, args.steps, args.size),
+        }
     print(
-        f"{args.family}, {args.size}x{args.size}, {args.steps} steps, {args.requests} requests per phase, CPU"
+        f"{args.family}, {args.size}x{args.size}, {args.steps} steps, {args.requests} requests per path, CPU"
     )
     for name, values in timings.items():
         print(
