@@ -21,6 +21,9 @@ RUN pip install --index-url "$TORCH_INDEX_URL" "torch>=2.4,<3" \
 USER autopipeline
 EXPOSE 50051
 # Models load before health turns SERVING; give large checkpoints time.
+# Health needs no token. With TLS, override this in a derived image or compose file, adding
+# --tls-ca (and --tls-cert/--tls-key for mutual TLS; --tls-server-name if the certificate
+# does not name localhost).
 HEALTHCHECK --interval=15s --timeout=6s --start-period=600s --retries=3 \
   CMD ["autopipeline-server", "health", "--target", "localhost:50051"]
 # SIGTERM drains: in-flight requests get --grace seconds, new ones get UNAVAILABLE.

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from autopipeline._client import AsyncClient, Client
+from autopipeline._credentials import tls_credentials
 from autopipeline._errors import (
     AutoPipelineError,
     CancelledError,
@@ -79,4 +80,5 @@ __all__ = [
     "Timings",
     "UnauthenticatedError",
     "UnavailableError",
+    "tls_credentials",
 ]

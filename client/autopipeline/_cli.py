@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import grpc
 
 from autopipeline._client import DEFAULT_TARGET, Client
+from autopipeline._credentials import tls_credentials
 from autopipeline._errors import AutoPipelineError
 from autopipeline._types import (
     Completed,
@@ -70,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-ca", type=pathlib.Path, metavar="FILE", help="TLS with this root certificate")
     parser.add_argument("--tls-cert", type=pathlib.Path, metavar="FILE", help="client certificate (mTLS)")
     parser.add_argument("--tls-key", type=pathlib.Path, metavar="FILE", help="client private key (mTLS)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("AUTOPIPELINE_TOKEN") or None,
+        metavar="TOKEN",
+        help="bearer token sent with every call (default: $AUTOPIPELINE_TOKEN, which keeps it out of `ps`)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="generate images and write them to files")
@@ -129,7 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "generate":
         args.output_file, args.format = _output_file(parser, args)
     try:
-        with Client(args.target, timeout=args.timeout, credentials=_credentials(args)) as client:
+        client = Client(args.target, timeout=args.timeout, credentials=_credentials(args), token=args.token)
+    except ValueError as err:
+        parser.error(str(err))
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    try:
+        with client:
             if args.command == "generate":
                 _generate(client, args)
             else:
@@ -149,11 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     if not (args.tls or args.tls_ca or args.tls_cert):
         return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
-        private_key=args.tls_key.read_bytes() if args.tls_key else None,
-        certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
-    )
+    return tls_credentials(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
 
 
 def _output_file(

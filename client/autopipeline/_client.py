@@ -20,6 +20,7 @@ from autopipeline._convert import (
     inspect_request,
     server_info,
 )
+from autopipeline._credentials import with_token
 from autopipeline._errors import from_rpc_error
 from autopipeline._types import Event, GenerationResult, ServerInfo
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
@@ -86,10 +87,11 @@ class _BaseClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._metadata = tuple(metadata)
+        credentials, self._metadata = with_token(credentials, tuple(metadata), token)
         self._connect(target, credentials, list(options))
 
     def _connect(
@@ -110,15 +112,24 @@ class Client(_BaseClient):
     Args:
         target: The server's ``host:port``.
         timeout: Default seconds each call may take (None: no limit); a call's own ``timeout`` wins.
-        credentials: TLS credentials (``grpc.ssl_channel_credentials(...)``); None connects in plain text.
+        credentials: TLS credentials, e.g. from `tls_credentials`; None connects in plain text.
         options: gRPC channel options, e.g. ``[("grpc.max_send_message_length", 64 << 20)]``.
-        metadata: Metadata sent with every call, e.g. ``[("authorization", "Bearer ...")]``.
+        metadata: Metadata sent with every call, e.g. ``[("x-tenant", "blue")]``.
+        token: A bearer token sent with every call (``authorization: Bearer <token>``). With
+            ``credentials`` it travels as gRPC call credentials; without them (plain text,
+            where gRPC refuses call credentials) as ordinary metadata, readable on the network.
 
     Example:
         >>> from autopipeline import Client
         >>> with Client("localhost:50051") as client:
         ...     result = client.generate("a lighthouse at dawn", seed=1)
         ...     result.images[0].save("lighthouse.png")
+
+        Over TLS, with a token:
+
+        >>> from autopipeline import tls_credentials
+        >>> with Client("models.example.com:443", credentials=tls_credentials(), token="s3cret") as client:
+        ...     client.inspect()
     """
 
     def _connect(

@@ -12,7 +12,7 @@ status code, `reason` is the server's stable ``ErrorInfo`` reason::
     ├── UnavailableError              UNAVAILABLE          (MODEL_LOADING, SHUTTING_DOWN, no connection)
     ├── DeadlineExceededError         DEADLINE_EXCEEDED
     ├── CancelledError                CANCELLED
-    ├── UnauthenticatedError          UNAUTHENTICATED
+    ├── UnauthenticatedError          UNAUTHENTICATED      (UNAUTHENTICATED: bad or missing token)
     ├── PermissionDeniedError         PERMISSION_DENIED
     ├── InternalError                 INTERNAL, UNKNOWN, DATA_LOSS, UNIMPLEMENTED, ABORTED,
     │                                 ALREADY_EXISTS and any code not listed above

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,7 +17,7 @@ import torch
 
 from autopipeline_server.arguments import FIELD_ARGUMENTS, RESERVED_ARGUMENTS, coerce, jsonable
 from autopipeline_server.domain import GenerationRequest, Task
-from autopipeline_server.errors import InvalidRequest
+from autopipeline_server.errors import InvalidRequest, OutOfMemory
 from autopipeline_server.pipelines import LoadedModel, TaskPipeline
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,11 @@ class PipelineRejected(Exception):
 
 class CallCancelled(Exception):
     """Raised from inside the denoising loop to abort a call whose callers are gone."""
+
+
+# Test-only: called on the device thread after every denoising step with the step number, so
+# tests can raise what a CPU cannot produce (a CUDA out-of-memory) from inside a real call.
+StepFaultHook = Callable[[int], None]
 
 
 class CallHooks(Protocol):
@@ -260,8 +266,11 @@ class _ProgressReporter:
     those without `callback_on_step_end`.
     """
 
-    def __init__(self, hooks: CallHooks, preview_interval: int, pipe: Any) -> None:
+    def __init__(
+        self, hooks: CallHooks, preview_interval: int, pipe: Any, fault_hook: StepFaultHook | None = None
+    ) -> None:
         self._hooks = hooks
+        self._fault_hook = fault_hook
         self._preview_interval = preview_interval
         self._pipe = pipe
         self._total = 0
@@ -299,6 +308,8 @@ class _ProgressReporter:
 
     def update(self, n: int = 1) -> None:
         self._done = min(self._total, self._done + n)
+        if self._fault_hook is not None:
+            self._fault_hook(self._done)
         self._hooks.step(self._done, self._total)
         if self._preview_interval and self.latents is not None and self._done % self._preview_interval == 0:
             self._hooks.preview(self._done, _decode_previews(self._pipe, self.latents))
@@ -361,7 +372,19 @@ def _batched_kwargs(calls: Sequence[PreparedCall]) -> dict[str, Any]:
     return kwargs
 
 
-def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list[list[PIL.Image.Image]]:
+def release_memory() -> None:
+    """Returns what a failed call held to the device, so the next call starts from a clean slate."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_batch(
+    calls: Sequence[PreparedCall],
+    hooks: Sequence[CallHooks],
+    *,
+    testing_fault_hook: StepFaultHook | None = None,
+) -> list[list[PIL.Image.Image]]:
     """Runs one pipeline call for compatible prepared calls (see `PreparedCall.batch_key`).
 
     Runs on the device thread. Returns each call's images in seed order. A single call is passed
@@ -379,20 +402,30 @@ def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list
         call_hooks = _BatchHooks([(h, len(c.seeds)) for c, h in zip(calls, hooks, strict=True)])
     kwargs["generator"] = [torch.Generator("cpu").manual_seed(seed) for call in calls for seed in call.seeds]
     kwargs["output_type"] = "pil"
-    reporter = _ProgressReporter(call_hooks, first.preview_interval, pipe)
+    reporter = _ProgressReporter(call_hooks, first.preview_interval, pipe, testing_fault_hook)
     if first.preview_interval:
         kwargs["callback_on_step_end"] = reporter.on_step_end
         kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
     pipe.scheduler = target.schedulers[first.scheduler].from_config(first.model.scheduler_config)
     pipe.progress_bar = reporter
+    out_of_memory = False
     try:
         with torch.inference_mode():
             output = pipe(**kwargs)
     except (ValueError, TypeError) as err:
         # Arguments were validated already; what remains are the pipeline's own input checks.
         raise PipelineRejected(str(err)) from err
+    except torch.OutOfMemoryError:
+        out_of_memory = True  # handled below, once this frame no longer holds the traceback
     finally:
         del pipe.progress_bar
+    if out_of_memory:
+        release_memory()
+        count = sum(len(call.seeds) for call in calls)
+        raise OutOfMemory(
+            f"the device ran out of memory generating {count} image(s) at {first.width}x{first.height}; "
+            "retry later, or ask for fewer images or a smaller size"
+        )
     images = list(output.images)
     results: list[list[PIL.Image.Image]] = []
     for call in calls:

@@ -60,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         help="also load .bin (pickle) weights; by default only safetensors load",
     )
+    serve.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        help="require 'authorization: Bearer <token>' with a token from FILE (one per line; '#' comments); "
+        "tokens may also come from $AUTOPIPELINE_AUTH_TOKENS (comma-separated)",
+    )
+    serve.add_argument("--tls-cert", dest="tls_cert_file", metavar="FILE", help="serve TLS: PEM cert chain")
+    serve.add_argument("--tls-key", dest="tls_key_file", metavar="FILE", help="serve TLS: PEM private key")
+    serve.add_argument(
+        "--tls-client-ca",
+        dest="tls_client_ca_file",
+        metavar="FILE",
+        help="mutual TLS: require client certificates signed by this PEM CA",
+    )
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight checkpoint (offline)")
     tiny.add_argument("--family", default="sd15", help="sd15, sdxl or sd15-inpainting")
@@ -70,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--target", default="localhost:50051")
     probe.add_argument("--service", default="", help="a model name or service; empty = the whole server")
     probe.add_argument("--timeout", type=float, default=5.0)
+    probe.add_argument("--tls-ca", metavar="FILE", help="use TLS, trusting this PEM root certificate")
+    probe.add_argument("--tls-cert", metavar="FILE", help="client certificate, for a mutual-TLS server")
+    probe.add_argument("--tls-key", metavar="FILE", help="client private key, for a mutual-TLS server")
+    probe.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="the name in the server's certificate, when it is not the target's host (e.g. localhost)",
+    )
 
     demo = commands.add_parser("demo", help="build a tiny model, serve it, and generate for all three tasks")
     demo.add_argument("--out", type=Path, default=Path("autopipeline-demo"), help="where images are written")
@@ -91,12 +113,36 @@ def configure_logging(level: str) -> None:
             library.disable_progress_bar()
 
 
-def check_health(target: str, service: str, timeout: float) -> int:
-    """Queries grpc.health.v1 and prints the status; 0 only for SERVING."""
+def check_health(
+    target: str,
+    service: str,
+    timeout: float,
+    *,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_server_name: str | None = None,
+) -> int:
+    """Queries grpc.health.v1 and prints the status; 0 only for SERVING.
+
+    Any TLS argument connects with TLS; health needs no bearer token.
+    """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    from autopipeline import tls_credentials
+
+    if tls_ca or tls_cert or tls_key or tls_server_name:
+        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        try:
+            credentials = tls_credentials(ca_file=tls_ca, cert_file=tls_cert, key_file=tls_key)
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        channel = grpc.secure_channel(target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -123,7 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(path)
         return 0
     if args.command == "health":
-        return check_health(args.target, args.service, args.timeout)
+        return check_health(
+            args.target,
+            args.service,
+            args.timeout,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
+        )
     if args.command == "demo":
         from autopipeline_server.demo import run_demo
 

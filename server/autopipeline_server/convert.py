@@ -8,7 +8,7 @@ from typing import Any
 
 import diffusers
 import torch
-from google.protobuf import duration_pb2, json_format, struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline_server import __version__
@@ -66,6 +66,22 @@ class _Violations:
         )
 
 
+def value_to_python(value: struct_pb2.Value) -> Any:
+    """A protobuf Value as plain Python, keeping what JSON cannot say (NaN, infinities) for validation."""
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_to_python(value.struct_value)
+    if kind == "list_value":
+        return [value_to_python(item) for item in value.list_value.values]
+    if kind is None or kind == "null_value":
+        return None
+    return getattr(value, kind)
+
+
+def struct_to_python(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return {key: value_to_python(value) for key, value in struct.fields.items()}
+
+
 def output_format(request: pb.GenerateRequest) -> tuple[OutputFormat, int]:
     """The requested encoding and quality (validated in `generation_request`)."""
     return FORMATS.get(request.output_format, OutputFormat.PNG), request.output_quality or DEFAULT_QUALITY
@@ -109,7 +125,7 @@ def generation_request(request: pb.GenerateRequest, limits: Limits) -> Generatio
                 "parameters",
                 f"has {len(request.parameters.fields)} entries; the limit is {limits.max_parameters}",
             )
-        parameters = json_format.MessageToDict(request.parameters)
+        parameters = struct_to_python(request.parameters)
 
     has_mask = request.HasField("mask_image")
     if task is Task.TEXT_TO_IMAGE:

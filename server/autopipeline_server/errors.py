@@ -105,6 +105,12 @@ class OutOfMemory(ServingError):
         self.retry_after = retry_after
 
 
+class Unauthenticated(ServingError):
+    """The call carries no bearer token, or one the server does not accept (UNAUTHENTICATED)."""
+
+    reason = "UNAUTHENTICATED"
+
+
 class RequestCancelled(ServingError):
     """The caller went away or its deadline passed; nothing is sent back."""
 

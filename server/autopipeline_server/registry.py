@@ -31,6 +31,7 @@ from autopipeline_server.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
 
+MAX_REMEMBERED_SOURCES = 64
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -127,8 +128,25 @@ class ModelRegistry:
                 f"model {resolved!r} is not served here; served models: {served}",
                 metadata={"model": resolved},
             )
+        self._forget_stale_entries()
         entry = ModelEntry(ModelSpec(name=source, source=source), pinned=False, reason="not loaded yet")
         self.entries[source] = entry
+        return entry
+
+    def _forget_stale_entries(self) -> None:
+        """Bounds what callers naming many sources can make the registry remember."""
+        dynamic = [e for e in self.entries.values() if not e.pinned]
+        if len(dynamic) < MAX_REMEMBERED_SOURCES:
+            return
+        stale = [e for e in dynamic if e.state in (ModelState.FAILED, ModelState.EVICTED) and e.in_use == 0]
+        for entry in sorted(stale, key=lambda e: e.last_used)[: len(dynamic) - MAX_REMEMBERED_SOURCES + 1]:
+            del self.entries[entry.spec.name]
+
+    def find(self, name: str) -> ModelEntry:
+        """An existing entry (empty = the default model); never creates one."""
+        entry = self.entries.get(name or self.default_model)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} is not known here", metadata={"model": name})
         return entry
 
     def get(self, name: str) -> LoadedModel:

@@ -14,12 +14,12 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from autopipeline.v1 import autopipeline_pb2 as pb
-from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
+from autopipeline_server.auth import BearerTokenInterceptor
 from autopipeline_server.domain import ModelState
 from autopipeline_server.pipelines import resolve_device, resolve_dtype
 from autopipeline_server.registry import ModelEntry, ModelRegistry
-from autopipeline_server.servicer import AutoPipelineServicer
-from autopipeline_server.settings import Settings, describe
+from autopipeline_server.servicer import AutoPipelineServicer, service_handler
+from autopipeline_server.settings import Settings, describe, read_tls_files
 from autopipeline_server.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,14 @@ async def create_server(settings: Settings) -> RunningServer:
     servicer = AutoPipelineServicer(settings, registry, worker)
 
     server = grpc.aio.server(
+        interceptors=[BearerTokenInterceptor(settings.tokens)] if settings.tokens else None,
         options=[
             ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
             ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
-    pb_grpc.add_AutoPipelineServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((service_handler(servicer),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -101,12 +102,18 @@ async def create_server(settings: Settings) -> RunningServer:
     )
     for name in ("", SERVICE_NAME, *registry.entries):
         await health_servicer.set(name, NOT_SERVING)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {settings.host}:{settings.port}")
+    port = _bind(server, settings)
     await server.start()
     worker.start()
-    log.info("listening on %s:%d (device %s, dtype %s)", settings.host, port, device, dtype)
+    log.info(
+        "listening on %s:%d (device %s, dtype %s; %s; %s)",
+        settings.host,
+        port,
+        device,
+        dtype,
+        _describe_transport(settings),
+        f"bearer tokens required ({len(settings.tokens)} configured)" if settings.tokens else "no auth",
+    )
     log.debug("settings: %s", describe(settings))
 
     async def load() -> None:
@@ -125,6 +132,31 @@ async def create_server(settings: Settings) -> RunningServer:
 
     loading = asyncio.get_running_loop().create_task(load(), name="load-models")
     return RunningServer(server, port, settings, registry, worker, health_servicer, loading)
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """Adds the listening port, with TLS (and client certificates) when configured; returns its number."""
+    address = f"{settings.host}:{settings.port}"
+    tls = read_tls_files(settings)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        cert_chain, private_key, client_ca = tls
+        credentials = grpc.ssl_server_credentials(
+            [(private_key, cert_chain)],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return port
+
+
+def _describe_transport(settings: Settings) -> str:
+    if settings.tls_client_ca_file:
+        return "mutual TLS"
+    return "TLS" if settings.tls_cert_file else "plaintext"
 
 
 async def serve(settings: Settings) -> None:

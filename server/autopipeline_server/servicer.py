@@ -6,9 +6,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
@@ -24,7 +26,49 @@ from autopipeline_server.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoPipelineService"].full_name
+M = TypeVar("M", bound=Message)
+
 Context = grpc.aio.ServicerContext[object, object]
+
+
+def _lenient(message: type[M]) -> Callable[[bytes], M | None]:
+    """A request deserializer that yields None for bytes that are no such message.
+
+    gRPC answers a deserializer's exception with INTERNAL; a malformed request is the caller's
+    error, so the servicer answers None with INVALID_ARGUMENT instead.
+    """
+
+    def parse(data: bytes) -> M | None:
+        try:
+            return message.FromString(data)
+        except Exception:  # DecodeError, the parser's recursion limit, invalid UTF-8 in strings
+            return None
+
+    return parse
+
+
+def service_handler(servicer: AutoPipelineServicer) -> grpc.GenericRpcHandler[object, object]:
+    """The AutoPipelineService handlers, with lenient request parsing (see `_lenient`)."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                servicer.Generate,
+                request_deserializer=_lenient(pb.GenerateRequest),
+                response_serializer=pb.GenerateResponse.SerializeToString,
+            ),
+            "Inspect": grpc.unary_unary_rpc_method_handler(
+                servicer.Inspect,
+                request_deserializer=_lenient(pb.InspectRequest),
+                response_serializer=pb.InspectResponse.SerializeToString,
+            ),
+        },
+    )
+
+
+def _malformed(message: str) -> InvalidRequest:
+    return InvalidRequest.field("request", f"is not a valid autopipeline.v1.{message} message")
 
 
 class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
@@ -36,12 +80,14 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         self._worker = worker
 
     async def Generate(
-        self, request: pb.GenerateRequest, context: Context
+        self, request: pb.GenerateRequest | None, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
         request_id = uuid.uuid4().hex
         arrived = time.perf_counter()
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         try:
+            if request is None:
+                raise _malformed("GenerateRequest")
             domain_request = convert.generation_request(request, self._settings.limits)
             entry = self._registry.entry(domain_request.model)
         except Exception as err:
@@ -115,11 +161,13 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         finally:
             self._worker.cancel(job)
 
-    async def Inspect(self, request: pb.InspectRequest, context: Context) -> pb.InspectResponse:
+    async def Inspect(self, request: pb.InspectRequest | None, context: Context) -> pb.InspectResponse:
+        if request is None:
+            await abort(context, _malformed("InspectRequest"), uuid.uuid4().hex)
         entries = list(self._registry.entries.values())
         if request.model:
             try:
-                entries = [self._registry.entry(request.model)]
+                entries = [self._registry.find(request.model)]
             except ServingError as err:
                 await abort(context, err, uuid.uuid4().hex)
         device = str(self._registry.device)

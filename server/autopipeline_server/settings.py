@@ -19,6 +19,11 @@ ENV_PREFIX = "AUTOPIPELINE_"
 DEVICES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A bearer token travels as gRPC metadata: printable ASCII, and no spaces so "Bearer <token>" parses.
+_TOKEN = re.compile(r"^[\x21-\x7e]+$")
+# Secrets come from `auth_token_file` or this variable, never from a config file or a flag
+# (config files get committed, flags show in `ps`).
+TOKENS_VARIABLE = f"{ENV_PREFIX}AUTH_TOKENS"
 
 
 class ConfigError(ValueError):
@@ -93,6 +98,15 @@ class Settings:
     # Parameter bytes loaded on-demand models may hold together before the least recently used
     # is evicted; 0 means no budget. Configured models are pinned and not counted.
     memory_budget: int = 0
+    # Bearer tokens any of which admits a call; empty turns authentication off. `load_settings`
+    # gathers them from `auth_token_file` and AUTOPIPELINE_AUTH_TOKENS; never logged (see `describe`).
+    auth_token_file: str = ""
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    # TLS: a PEM certificate chain and its private key. A client CA as well makes it mutual TLS:
+    # callers must present a certificate signed by it.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -127,8 +141,62 @@ class Settings:
         for pattern in self.allow_sources:
             if "://" in pattern or ".." in Path(pattern).parts or not pattern.strip("*/"):
                 raise ConfigError(f"allow_sources pattern {pattern!r} must be a hub id or absolute path glob")
+        self._validate_security()
         self.limits.validate()
         return self
+
+    def _validate_security(self) -> None:
+        for number, token in enumerate(self.tokens, 1):
+            # The message numbers the token rather than quoting it: it is a secret.
+            if not _TOKEN.match(token):
+                raise ConfigError(
+                    f"auth token {number} of {len(self.tokens)} must be non-empty printable ASCII "
+                    "without whitespace"
+                )
+        if self.auth_token_file and not self.tokens:
+            # Failing closed: an operator who names a token file means to require a token.
+            raise ConfigError(f"auth_token_file {self.auth_token_file} holds no token")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path:
+                _read_pem(name, path)
+
+
+def _read_pem(name: str, path: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot read {path}: {err.strerror}") from err
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{name}: {path} is not a PEM file")
+    return data
+
+
+def read_tls_files(settings: Settings) -> tuple[bytes, bytes, bytes | None] | None:
+    """The PEM certificate chain, private key and client CA (None: no mTLS); None without TLS."""
+    if not settings.tls_cert_file:
+        return None
+    client_ca = settings.tls_client_ca_file
+    return (
+        _read_pem("tls_cert_file", settings.tls_cert_file),
+        _read_pem("tls_key_file", settings.tls_key_file),
+        _read_pem("tls_client_ca_file", client_ca) if client_ca else None,
+    )
+
+
+def read_token_file(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The tokens in a file: one per line, surrounding whitespace, blank lines and `#` comments ignored."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read auth_token_file {path}: {why}") from err
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(line for line in lines if line and not line.startswith("#"))
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -229,6 +297,10 @@ def _apply(settings: Settings, values: Mapping[str, Any], origin: str) -> Settin
                 )
         elif key in limit_names:
             limits = dataclasses.replace(limits, **{key: _coerce(key, value, getattr(limits, key))})
+        elif key == "tokens":
+            raise ConfigError(
+                f"{origin}: tokens are secrets; put them in auth_token_file or {TOKENS_VARIABLE}"
+            )
         elif key in top:
             changes[key] = _coerce(key, value, getattr(settings, key))
         else:
@@ -255,13 +327,20 @@ def load_settings(
     env_values = {
         key[len(ENV_PREFIX) :].lower(): value
         for key, value in environ.items()
-        if key.startswith(ENV_PREFIX) and key != f"{ENV_PREFIX}CONFIG"
+        if key.startswith(ENV_PREFIX) and key not in (f"{ENV_PREFIX}CONFIG", TOKENS_VARIABLE)
     }
     settings = _apply(settings, env_values, "environment")
     settings = _apply(settings, {k: v for k, v in flags.items() if v is not None}, "flags")
+    # Tokens from both places admit calls; the order is kept only so errors can number them.
+    tokens = _coerce("tokens", environ.get(TOKENS_VARIABLE, ""), ())
+    if settings.auth_token_file:
+        tokens = (*read_token_file(settings.auth_token_file), *tokens)
+    settings = dataclasses.replace(settings, tokens=tuple(dict.fromkeys(tokens)))
     return settings.validate()
 
 
 def describe(settings: Settings) -> str:
-    """A one-line JSON summary for the start-up log."""
-    return json.dumps(dataclasses.asdict(settings), default=str, sort_keys=True)
+    """A one-line JSON summary for the start-up log; the tokens appear only as a count."""
+    summary = dataclasses.asdict(settings)
+    summary["tokens"] = f"<{len(settings.tokens)} redacted>"
+    return json.dumps(summary, default=str, sort_keys=True)

@@ -22,6 +22,7 @@ from autopipeline_server.errors import (
     ServingError,
     ShuttingDown,
     TaskNotSupported,
+    Unauthenticated,
 )
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ _CODES: list[tuple[type[ServingError], grpc.StatusCode]] = [
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (OutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (RequestCancelled, grpc.StatusCode.CANCELLED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 ]
 
 

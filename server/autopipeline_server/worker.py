@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 import PIL.Image
 
-from autopipeline_server.calls import CallCancelled, PreparedCall, run_batch
+from autopipeline_server.calls import CallCancelled, PreparedCall, StepFaultHook, run_batch
 from autopipeline_server.domain import Event, Finished, Preview, Progress, Queued, Started
 from autopipeline_server.errors import QueueFull, RequestCancelled, ServingError, ShuttingDown
 
@@ -146,6 +147,8 @@ class InferenceWorker:
         self._running: list[Job] = []
         self._accepting = True
         self._task: asyncio.Task[None] | None = None
+        # Test-only fault injection (see calls.StepFaultHook); never set outside tests.
+        self.testing_fault_hook: StepFaultHook | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -291,7 +294,11 @@ class InferenceWorker:
         self.stats.largest_batch = max(self.stats.largest_batch, sum(job.images for job in batch))
         hooks = [_Hooks(job, len(batch)) for job in batch]
         try:
-            results = await self.run_on_device(run_batch, [job.call for job in batch], hooks)
+            results = await self.run_on_device(
+                functools.partial(run_batch, testing_fault_hook=self.testing_fault_hook),
+                [job.call for job in batch],
+                hooks,
+            )
         except CallCancelled:
             for job in batch:
                 self.stats.cancelled_running += 1

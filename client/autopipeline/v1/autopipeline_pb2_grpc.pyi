@@ -32,6 +32,7 @@ Rules of the wire, for clients in any language:
   | UNAVAILABLE         | MODEL_LOADING          | the model is still loading                    |
   | UNAVAILABLE         | MODEL_LOAD_FAILED      | an on-demand model failed to load this time   |
   | UNAVAILABLE         | SHUTTING_DOWN          | the server is draining                        |
+  | UNAUTHENTICATED     | UNAUTHENTICATED        | the bearer token is missing or not accepted   |
   | INTERNAL            | INTERNAL_ERROR         | a bug; the log holds the request id           |
 """
 
