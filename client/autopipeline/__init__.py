@@ -25,6 +25,7 @@ from autopipeline._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from autopipeline._retry import RetryPolicy
 from autopipeline._types import (
     Completed,
     Event,
@@ -73,6 +74,7 @@ __all__ = [
     "ProtocolError",
     "Queued",
     "ResourceExhaustedError",
+    "RetryPolicy",
     "ServerInfo",
     "Started",
     "Task",

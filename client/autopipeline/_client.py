@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
+import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -21,7 +23,8 @@ from autopipeline._convert import (
     server_info,
 )
 from autopipeline._credentials import with_token
-from autopipeline._errors import from_rpc_error
+from autopipeline._errors import AutoPipelineError, from_rpc_error
+from autopipeline._retry import Attempts, RetryPolicy
 from autopipeline._types import Event, GenerationResult, ServerInfo
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 
@@ -88,9 +91,11 @@ class _BaseClient:
         options: Sequence[tuple[str, Any]] = (),
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - immutable
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.retry = retry
         credentials, self._metadata = with_token(credentials, tuple(metadata), token)
         self._connect(target, credentials, list(options))
 
@@ -101,6 +106,9 @@ class _BaseClient:
 
     def _call_timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+    def _attempts(self, timeout: float | None) -> Attempts:
+        return Attempts(self.retry, self._call_timeout(timeout))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"
@@ -118,6 +126,8 @@ class Client(_BaseClient):
         token: A bearer token sent with every call (``authorization: Bearer <token>``). With
             ``credentials`` it travels as gRPC call credentials; without them (plain text,
             where gRPC refuses call credentials) as ordinary metadata, readable on the network.
+        retry: When to retry a call that fails before its first event (see `RetryPolicy`);
+            ``RetryPolicy(max_attempts=1)`` turns retries off.
 
     Example:
         >>> from autopipeline import Client
@@ -218,15 +228,22 @@ class Client(_BaseClient):
 
     def _events(self, call: GenerateCall) -> Generator[Event, None, None]:
         # A generator, so the RPC starts on the first next() and stops with the iterator.
-        rpc = self._stub.Generate(
-            call.request, timeout=self._call_timeout(call.timeout), metadata=self._metadata
-        )
-        reader = EventReader()
-        with _sdk_errors(cancel=rpc.cancel):
-            for response in rpc:
-                if (event := reader.read(response)) is not None:
-                    yield event
-            reader.close()
+        attempts = self._attempts(call.timeout)
+        while True:
+            rpc = self._stub.Generate(call.request, timeout=attempts.timeout(), metadata=self._metadata)
+            reader = EventReader()
+            try:
+                with _sdk_errors(cancel=rpc.cancel):
+                    for response in rpc:
+                        if (event := reader.read(response)) is not None:
+                            yield event
+                    reader.close()
+                return
+            except AutoPipelineError as err:
+                delay = None if reader.started else attempts.backoff(err)
+                if delay is None:
+                    raise
+            time.sleep(delay)
 
     def inspect(self, model: str | None = None, *, timeout: float | None = None) -> ServerInfo:
         """Describes the server, its limits and its models (or only ``model``).
@@ -236,11 +253,18 @@ class Client(_BaseClient):
             >>> [(m.name, m.state, [t.task for t in m.tasks]) for m in info.models]
             [('sdxl', <ModelState.READY: 'ready'>, [<Task.TEXT_TO_IMAGE: 'text-to-image'>, ...])]
         """
-        with _sdk_errors():
-            response = self._stub.Inspect(
-                inspect_request(model), timeout=self._call_timeout(timeout), metadata=self._metadata
-            )
-        return server_info(response)
+        attempts = self._attempts(timeout)
+        while True:
+            try:
+                with _sdk_errors():
+                    response = self._stub.Inspect(
+                        inspect_request(model), timeout=attempts.timeout(), metadata=self._metadata
+                    )
+                return server_info(response)
+            except AutoPipelineError as err:
+                if (delay := attempts.backoff(err)) is None:
+                    raise
+            time.sleep(delay)
 
 
 class AsyncClient(_BaseClient):
@@ -308,15 +332,22 @@ class AsyncClient(_BaseClient):
         return self._events(call)
 
     async def _events(self, call: GenerateCall) -> AsyncGenerator[Event, None]:
-        rpc = self._stub.Generate(
-            call.request, timeout=self._call_timeout(call.timeout), metadata=self._metadata
-        )
-        reader = EventReader()
-        with _sdk_errors(cancel=rpc.cancel):
-            async for response in rpc:
-                if (event := reader.read(response)) is not None:
-                    yield event
-            reader.close()
+        attempts = self._attempts(call.timeout)
+        while True:
+            rpc = self._stub.Generate(call.request, timeout=attempts.timeout(), metadata=self._metadata)
+            reader = EventReader()
+            try:
+                with _sdk_errors(cancel=rpc.cancel):
+                    async for response in rpc:
+                        if (event := reader.read(response)) is not None:
+                            yield event
+                    reader.close()
+                return
+            except AutoPipelineError as err:
+                delay = None if reader.started else attempts.backoff(err)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
 
     async def inspect(self, model: str | None = None, *, timeout: float | None = None) -> ServerInfo:
         """Describes the server, its limits and its models (or only ``model``); see `Client.inspect`.
@@ -326,8 +357,15 @@ class AsyncClient(_BaseClient):
             >>> info.default_model
             'sdxl'
         """
-        with _sdk_errors():
-            response = await self._stub.Inspect(
-                inspect_request(model), timeout=self._call_timeout(timeout), metadata=self._metadata
-            )
-        return server_info(response)
+        attempts = self._attempts(timeout)
+        while True:
+            try:
+                with _sdk_errors():
+                    response = await self._stub.Inspect(
+                        inspect_request(model), timeout=attempts.timeout(), metadata=self._metadata
+                    )
+                return server_info(response)
+            except AutoPipelineError as err:
+                if (delay := attempts.backoff(err)) is None:
+                    raise
+            await asyncio.sleep(delay)

@@ -269,9 +269,13 @@ class EventReader:
     def __init__(self) -> None:
         self._images = _ImageAssembler()
         self._completed = False
+        # Whether the server has sent anything: from then on the request may have run, so the
+        # client must not send it again.
+        self.started = False
 
     def read(self, response: pb.GenerateResponse) -> _types.Event | None:
         """The event a response completes, or None (a chunk of a larger image, an unknown event)."""
+        self.started = True
         kind = response.WhichOneof("event")
         if self._completed:
             raise ProtocolError(f"the stream went on after `completed` with `{kind}`")

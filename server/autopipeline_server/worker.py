@@ -35,6 +35,7 @@ class WorkerStats:
 
     submitted: int = 0
     rejected_full: int = 0
+    rejected_draining: int = 0
     completed: int = 0
     failed: int = 0
     cancelled_queued: int = 0
@@ -155,6 +156,11 @@ class InferenceWorker:
         return len(self._pending)
 
     @property
+    def accepting(self) -> bool:
+        """False once draining has begun."""
+        return self._accepting
+
+    @property
     def running(self) -> int:
         return len(self._running)
 
@@ -169,6 +175,7 @@ class InferenceWorker:
     def submit(self, call: PreparedCall) -> Job:
         """Queues a call; raises QueueFull or ShuttingDown at once instead of waiting."""
         if not self._accepting:
+            self.stats.rejected_draining += 1
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if len(self._pending) >= self.max_queue:
             self.stats.rejected_full += 1
