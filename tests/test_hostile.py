@@ -252,6 +252,16 @@ def test_malformed_request_battery(
     assert list(stub.Generate(OK_REQUEST, timeout=60))[-1].HasField("completed")
 
 
+def test_a_request_over_the_size_limit_is_refused(stub: pb_grpc.AutoPipelineServiceStub) -> None:
+    too_big = pb.GenerateRequest(
+        task=I2I, prompt="x", image=pb.Image(data=b"\0" * (Limits().max_request_bytes + 1))
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(too_big, timeout=60))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert list(stub.Generate(OK_REQUEST, timeout=60))[-1].HasField("completed")
+
+
 def test_battery_is_large_enough() -> None:
     assert len(BATTERY) >= 40
 

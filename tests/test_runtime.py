@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from grpc_status import rpc_status
 
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
+from autopipeline_server import registry as registry_module
 from autopipeline_server.domain import ModelState
 from autopipeline_server.settings import ModelSpec, Settings
 from autopipeline_server.tiny import build_tiny_checkpoint
@@ -431,3 +433,60 @@ def test_drain_cancels_what_outlives_the_grace_period(checkpoints: dict[str, Pat
         assert outcome.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.close_loop()
+
+
+# ---------------------------------------------------------------------------------- health, start-up
+
+
+def test_not_serving_until_the_configured_models_are_warm(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    real_load = registry_module.load_model
+
+    def gated_load(*args: object, **kwargs: object) -> object:
+        gate.wait(60)  # holds the first load so the test can look at the server meanwhile
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(registry_module, "load_model", gated_load)
+    server = ServerThread(tiny_settings(checkpoints), wait_until_loaded=False)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in ("", "autopipeline.v1.AutoPipelineService", "sd15", "sdxl"):
+                assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == not_serving
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Generate(pb.GenerateRequest(prompt="early", **SHORT)))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "loading" in caught.value.details()
+            (info,) = stub.Inspect(pb.InspectRequest(model="sd15")).models
+            assert info.state == pb.MODEL_STATE_LOADING
+            gate.set()
+            server.call(server.running.wait_until_loaded())
+            assert health.Check(health_pb2.HealthCheckRequest(service="")).status == (
+                health_pb2.HealthCheckResponse.SERVING
+            )
+            assert list(stub.Generate(pb.GenerateRequest(prompt="now", **SHORT)))[-1].HasField("completed")
+    finally:
+        gate.set()
+        server.stop()
+
+
+def test_cancelling_leaks_no_threads_or_queue_slots(small_queue: ServerThread) -> None:
+    with grpc.insecure_channel(small_queue.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        list(stub.Generate(pb.GenerateRequest(prompt="warm", **SHORT)))
+        threads = threading.active_count()
+        for i in range(5):
+            call = stub.Generate(pb.GenerateRequest(prompt=f"gone {i}", **LONG))
+            next(e for e in call if e.HasField("progress"))
+            queued = stub.Generate(pb.GenerateRequest(prompt=f"queued {i}", **SHORT))
+            next(e for e in queued if e.HasField("queued"))
+            queued.cancel()
+            call.cancel()
+        assert list(stub.Generate(pb.GenerateRequest(prompt="after", **SHORT)))[-1].HasField("completed")
+        wait_for(lambda: small_queue.running.worker.running == 0)
+        assert small_queue.running.worker.queue_depth == 0
+        assert threading.active_count() <= threads
