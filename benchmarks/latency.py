@@ -26,7 +26,7 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _serve import server_process
+from _serve import build_checkpoint, server_process
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -90,20 +90,7 @@ def main() -> None:
         print(json.dumps(direct_timings(args.direct_in, args.requests, args.steps, args.size)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(tmp) / args.family
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "autopipeline_server.cli",
-                "tiny-model",
-                "--family",
-                args.family,
-                str(checkpoint),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        checkpoint = build_checkpoint(args.family, Path(tmp) / args.family)
         child = subprocess.run(
             [sys.executable, __file__, *sys.argv[1:], "--direct-in", str(checkpoint)],
             check=True,

@@ -28,7 +28,7 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _serve import server_process
+from _serve import build_checkpoint, server_process
 
 SIZE = 64
 MAX_BATCH = 16
@@ -134,20 +134,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(tmp) / args.family
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "autopipeline_server.cli",
-                "tiny-model",
-                "--family",
-                args.family,
-                str(checkpoint),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        checkpoint = build_checkpoint(args.family, Path(tmp) / args.family)
         batches = sorted({1, *(min(c, MAX_BATCH) for c in args.clients)})
         ceilings = {b: ceiling(checkpoint, b, args.steps, repeats=max(4, 32 // b)) for b in batches}
         rows = []

@@ -20,7 +20,16 @@ from autopipeline_server.codecs import (
     chunks,
     decode_image,
 )
-from autopipeline_server.domain import GenerationRequest, ModelState, Preview, Progress, Queued, Started, Task
+from autopipeline_server.domain import (
+    Finished,
+    GenerationRequest,
+    ModelState,
+    Preview,
+    Progress,
+    Queued,
+    Started,
+    Task,
+)
 from autopipeline_server.errors import InvalidRequest
 from autopipeline_server.pipelines import TaskPipeline
 from autopipeline_server.registry import ModelEntry
@@ -217,6 +226,23 @@ def preview_event(event: Preview, encoded: EncodedImage) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         preview=pb.Preview(
             step=event.step, index=event.index, image=pb.Image(data=encoded.data, mime_type=encoded.mime_type)
+        )
+    )
+
+
+def completed_event(event: Finished, *, encoding_seconds: float, total_seconds: float) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        completed=pb.Completed(
+            timings=pb.Timings(
+                queued=duration(event.queued_seconds),
+                running=duration(event.running_seconds),
+                encoding=duration(encoding_seconds),
+                total=duration(total_seconds),
+            ),
+            parameters=struct(event.parameters),
+            model=event.model,
+            pipeline_class=event.pipeline_class,
+            num_images=len(event.images),
         )
     )
 

@@ -134,19 +134,8 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                         for message in convert.image_events(index, seed, image.size, encoded, chunk_bytes):
                             yield message
                     now = time.perf_counter()
-                    yield pb.GenerateResponse(
-                        completed=pb.Completed(
-                            timings=pb.Timings(
-                                queued=convert.duration(event.queued_seconds),
-                                running=convert.duration(event.running_seconds),
-                                encoding=convert.duration(now - encoding_started),
-                                total=convert.duration(now - arrived),
-                            ),
-                            parameters=convert.struct(event.parameters),
-                            model=event.model,
-                            pipeline_class=event.pipeline_class,
-                            num_images=len(event.images),
-                        )
+                    yield convert.completed_event(
+                        event, encoding_seconds=now - encoding_started, total_seconds=now - arrived
                     )
         except PipelineRejected as err:
             rejected = InvalidRequest(f"{call.target.pipeline_class} rejected the request: {err}")
