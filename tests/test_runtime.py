@@ -104,11 +104,14 @@ def test_64_concurrent_streams_against_a_queue_of_16(small_queue: ServerThread) 
         assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
         assert retry.retry_delay.ToMilliseconds() > 0
     stats = small_queue.running.worker.stats
-    assert stats.rejected_full >= len(rejected)
+    assert stats.rejected_queue_full >= len(rejected)
     with grpc.insecure_channel(small_queue.target) as channel:
         stub = pb_grpc.AutoPipelineServiceStub(channel)
         assert list(stub.Generate(pb.GenerateRequest(prompt="after", **SHORT)))[-1].HasField("completed")
-        assert stub.Inspect(pb.InspectRequest()).server.queue_depth == 0
+        server_info = stub.Inspect(pb.InspectRequest()).server
+        assert server_info.queue_depth == 0
+        assert server_info.stats.rejected_queue_full == stats.rejected_queue_full >= len(rejected)
+        assert server_info.stats.completed >= len(completed) + 1
 
 
 # ------------------------------------------------------------------------------ cancellation, deadlines

@@ -118,7 +118,7 @@ def test_a_full_queue_is_retried_after_the_delay_the_server_asks(
         filler = stub.Generate(long)
         next(e for e in filler if e.HasField("queued"))
         try:
-            before = stats.rejected_full
+            before = stats.rejected_queue_full
             patient = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=5)
             started = time.monotonic()
             with (
@@ -127,12 +127,12 @@ def test_a_full_queue_is_retried_after_the_delay_the_server_asks(
             ):
                 client.generate("x", num_inference_steps=2)
             assert time.monotonic() - started >= caught.value.retry_after, "retried before the server's delay"
-            assert stats.rejected_full == before + 2
+            assert stats.rejected_queue_full == before + 2
 
             impatient = RetryPolicy(max_attempts=5, max_backoff=0.5)  # the server asks for 1 s
             with Client(server.target, retry=impatient) as client, pytest.raises(ResourceExhaustedError):
                 client.generate("x", num_inference_steps=2)
-            assert stats.rejected_full == before + 3
+            assert stats.rejected_queue_full == before + 3
         finally:
             blocker.cancel()
             filler.cancel()

@@ -48,6 +48,11 @@ def test_inspect_is_typed(client: Client) -> None:
     assert (eta.default, eta.has_default) == (0, True)
     assert models["ddpm"].state is ModelState.FAILED
     assert [model.name for model in client.inspect("sdxl").models] == ["sdxl"]
+    assert (info.max_batch_size, info.allowed_sources, info.memory_budget) == (1, [], 0)
+    client.generate("counted", num_inference_steps=2)
+    after = client.inspect().stats
+    assert after.completed >= info.stats.completed + 1
+    assert after.pipeline_calls >= info.stats.pipeline_calls + 1
 
 
 def test_generate_text_to_image(client: Client) -> None:

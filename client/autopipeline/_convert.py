@@ -337,6 +337,7 @@ def server_info(response: pb.InspectResponse) -> _types.ServerInfo:
         max_batch_size=response.server.batching.max_batch_size or 1,
         max_batch_delay=_seconds(response.server.batching.max_delay),
         allowed_sources=list(response.server.allowed_sources),
+        stats=_from_fields(_types.ServerStats, response.server.stats),
         models=[_model_info(model) for model in response.models],
     )
 

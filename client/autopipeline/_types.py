@@ -301,6 +301,38 @@ class GenerationResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerStats:
+    """What the server has done since it started.
+
+    Example:
+        >>> stats = client.inspect().stats
+        >>> stats.completed, stats.rejected_queue_full, stats.batched_calls
+        (1200, 3, 310)
+    """
+
+    submitted: int
+    """Generate requests accepted into the queue."""
+    completed: int
+    """Requests that finished."""
+    failed: int
+    """Requests whose pipeline call failed."""
+    cancelled_queued: int
+    """Requests dropped from the queue because their caller went away."""
+    cancelled_running: int
+    """Requests stopped while running (caller gone, or shutdown)."""
+    rejected_queue_full: int
+    """Requests refused because the queue was full."""
+    rejected_draining: int
+    """Requests refused because the server was draining."""
+    pipeline_calls: int
+    """Pipeline calls run on the device."""
+    batched_calls: int
+    """Pipeline calls that served more than one request."""
+    largest_batch: int
+    """The most images one pipeline call has produced."""
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """Limits on requests, set by the server's operator.
 
@@ -445,5 +477,7 @@ class ServerInfo:
     """Glob patterns of sources (hub ids, absolute paths) requests may name to load on demand."""
     memory_budget: int
     """Parameter bytes on-demand models may hold together; 0 means no budget."""
+    stats: ServerStats
+    """Counters since the server started."""
     models: list[ModelInfo]
     """The models asked for: every model, or the one named."""

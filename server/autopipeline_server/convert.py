@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +35,7 @@ from autopipeline_server.errors import InvalidRequest
 from autopipeline_server.pipelines import TaskPipeline
 from autopipeline_server.registry import ModelEntry
 from autopipeline_server.settings import Limits, Settings
+from autopipeline_server.worker import WorkerStats
 
 TASKS = {
     pb.TASK_TEXT_TO_IMAGE: Task.TEXT_TO_IMAGE,
@@ -314,7 +316,9 @@ def model_info(entry: ModelEntry, *, default_model: str, device: str, dtype: str
     return info
 
 
-def server_info(settings: Settings, *, device: str, queue_depth: int, running: int) -> pb.ServerInfo:
+def server_info(
+    settings: Settings, *, device: str, queue_depth: int, running: int, stats: WorkerStats
+) -> pb.ServerInfo:
     limits = settings.limits
     return pb.ServerInfo(
         version=__version__,
@@ -329,6 +333,7 @@ def server_info(settings: Settings, *, device: str, queue_depth: int, running: i
         ),
         allowed_sources=list(settings.allow_sources),
         memory_budget=settings.memory_budget,
+        stats=pb.ServerStats(**dataclasses.asdict(stats)),
         limits=pb.Limits(
             max_width=limits.max_width,
             max_height=limits.max_height,

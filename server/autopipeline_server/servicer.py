@@ -167,6 +167,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                 device=device,
                 queue_depth=self._worker.queue_depth,
                 running=self._worker.running,
+                stats=self._worker.stats,
             ),
             models=[
                 convert.model_info(e, default_model=self._registry.default_model, device=device, dtype=dtype)

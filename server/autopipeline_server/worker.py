@@ -34,7 +34,7 @@ class WorkerStats:
     """Counters for operators and tests; only the event loop writes them."""
 
     submitted: int = 0
-    rejected_full: int = 0
+    rejected_queue_full: int = 0
     rejected_draining: int = 0
     completed: int = 0
     failed: int = 0
@@ -178,7 +178,7 @@ class InferenceWorker:
             self.stats.rejected_draining += 1
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if len(self._pending) >= self.max_queue:
-            self.stats.rejected_full += 1
+            self.stats.rejected_queue_full += 1
             raise QueueFull(
                 f"the queue is full ({self.max_queue} requests waiting); retry later",
                 retry_after=self._retry_hint(),

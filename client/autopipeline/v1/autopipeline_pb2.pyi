@@ -722,6 +722,7 @@ class ServerInfo(_message.Message):
     BATCHING_FIELD_NUMBER: _builtins.int
     ALLOWED_SOURCES_FIELD_NUMBER: _builtins.int
     MEMORY_BUDGET_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """autopipeline-grpc version."""
     diffusers_version: _builtins.str
@@ -752,6 +753,10 @@ class ServerInfo(_message.Message):
         the configured models are served.
         """
 
+    @_builtins.property
+    def stats(self) -> Global___ServerStats:
+        """Counters since the server started."""
+
     def __init__(
         self,
         *,
@@ -766,14 +771,77 @@ class ServerInfo(_message.Message):
         batching: Global___Batching | None = ...,
         allowed_sources: _abc.Iterable[_builtins.str] | None = ...,
         memory_budget: _builtins.int = ...,
+        stats: Global___ServerStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "limits", b"limits", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_sources", b"allowed_sources", "batching", b"batching", "default_model", b"default_model", "device", b"device", "diffusers_version", b"diffusers_version", "limits", b"limits", "memory_budget", b"memory_budget", "queue_depth", b"queue_depth", "running", b"running", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_sources", b"allowed_sources", "batching", b"batching", "default_model", b"default_model", "device", b"device", "diffusers_version", b"diffusers_version", "limits", b"limits", "memory_budget", b"memory_budget", "queue_depth", b"queue_depth", "running", b"running", "stats", b"stats", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerInfo: _TypeAlias = ServerInfo  # noqa: Y015
+
+@_typing.final
+class ServerStats(_message.Message):
+    """What the server has done since it started, for operators and dashboards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBMITTED_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    CANCELLED_QUEUED_FIELD_NUMBER: _builtins.int
+    CANCELLED_RUNNING_FIELD_NUMBER: _builtins.int
+    REJECTED_QUEUE_FULL_FIELD_NUMBER: _builtins.int
+    REJECTED_DRAINING_FIELD_NUMBER: _builtins.int
+    PIPELINE_CALLS_FIELD_NUMBER: _builtins.int
+    BATCHED_CALLS_FIELD_NUMBER: _builtins.int
+    LARGEST_BATCH_FIELD_NUMBER: _builtins.int
+    submitted: _builtins.int
+    """Generate requests accepted into the queue."""
+    completed: _builtins.int
+    """Requests that finished with `completed`."""
+    failed: _builtins.int
+    """Requests whose pipeline call failed (bad arguments the pipeline refused,
+    out of memory, bugs).
+    """
+    cancelled_queued: _builtins.int
+    """Requests dropped from the queue because their caller went away."""
+    cancelled_running: _builtins.int
+    """Requests stopped while running because their caller went away or the
+    server shut down.
+    """
+    rejected_queue_full: _builtins.int
+    """Requests refused with RESOURCE_EXHAUSTED because the queue was full."""
+    rejected_draining: _builtins.int
+    """Requests refused with UNAVAILABLE because the server was draining."""
+    pipeline_calls: _builtins.int
+    """Pipeline calls run on the device."""
+    batched_calls: _builtins.int
+    """Pipeline calls that served more than one request."""
+    largest_batch: _builtins.int
+    """The most images one pipeline call has produced."""
+    def __init__(
+        self,
+        *,
+        submitted: _builtins.int = ...,
+        completed: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        cancelled_queued: _builtins.int = ...,
+        cancelled_running: _builtins.int = ...,
+        rejected_queue_full: _builtins.int = ...,
+        rejected_draining: _builtins.int = ...,
+        pipeline_calls: _builtins.int = ...,
+        batched_calls: _builtins.int = ...,
+        largest_batch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batched_calls", b"batched_calls", "cancelled_queued", b"cancelled_queued", "cancelled_running", b"cancelled_running", "completed", b"completed", "failed", b"failed", "largest_batch", b"largest_batch", "pipeline_calls", b"pipeline_calls", "rejected_draining", b"rejected_draining", "rejected_queue_full", b"rejected_queue_full", "submitted", b"submitted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerStats: _TypeAlias = ServerStats  # noqa: Y015
 
 @_typing.final
 class Batching(_message.Message):
