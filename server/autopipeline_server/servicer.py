@@ -137,6 +137,19 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                     yield convert.completed_event(
                         event, encoding_seconds=now - encoding_started, total_seconds=now - arrived
                     )
+                    log.info(
+                        "request %s OK: %s %s %s, %d image(s) %dx%d, queued %.3fs, ran %.3fs, total %.3fs",
+                        request_id,
+                        event.model,
+                        call.target.task.value,
+                        event.pipeline_class,
+                        len(event.images),
+                        call.width,
+                        call.height,
+                        event.queued_seconds,
+                        event.running_seconds,
+                        now - arrived,
+                    )
         except PipelineRejected as err:
             rejected = InvalidRequest(f"{call.target.pipeline_class} rejected the request: {err}")
             await abort(context, rejected, request_id)
