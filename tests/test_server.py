@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import grpc
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +20,7 @@ from grpc_status import rpc_status
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server.domain import Task
+from autopipeline_server.settings import ModelSpec, Settings
 
 from .support import Generate, ServerThread
 
@@ -366,3 +369,30 @@ def test_deadline_exceeded_is_reported_and_server_recovers(
         )
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert kinds(generate(task=pb.TASK_TEXT_TO_IMAGE, prompt="ok", num_inference_steps=2))[-1] == "completed"
+
+
+@pytest.mark.filterwarnings("ignore:`upcast_vae` is deprecated:FutureWarning")  # diffusers' own SDXL decode
+def test_float16_sdxl_previews_work_and_the_shared_vae_keeps_its_dtype(checkpoints: dict[str, Path]) -> None:
+    settings = Settings(
+        models=(ModelSpec("xl16", str(checkpoints["sdxl"])),),
+        host="127.0.0.1",
+        port=0,
+        device="cpu",
+        dtype="float16",
+    )
+    server = ServerThread(settings)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+            request = pb.GenerateRequest(
+                task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=2, preview_interval=1
+            )
+            events = list(stub.Generate(request, timeout=60))
+        previews = [e.preview for e in events if e.HasField("preview")]
+        assert [p.step for p in previews] == [1, 2]
+        with PIL.Image.open(io.BytesIO(previews[-1].image.data)) as preview:
+            assert np.asarray(preview).std() > 0, "the preview decoded to a flat (NaN) image"
+        vae = server.running.registry.get("xl16").tasks[Task.TEXT_TO_IMAGE].pipe.vae
+        assert vae.dtype == torch.float16
+    finally:
+        server.stop()
