@@ -238,9 +238,7 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
     if seed + request.num_images - 1 > MAX_SEED:
         errors.append(InvalidRequest.field("seed", f"seed + num_images - 1 must not exceed {MAX_SEED}"))
     if errors:
-        violations = [v for e in errors for v in e.violations]
-        reason = errors[0].reason if len({e.reason for e in errors}) == 1 else InvalidRequest.reason
-        raise InvalidRequest("; ".join(e.message for e in errors), violations, reason=reason)
+        raise InvalidRequest.combined(errors)
 
     kwargs["num_images_per_prompt"] = request.num_images
     return PreparedCall(

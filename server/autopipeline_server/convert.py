@@ -67,14 +67,8 @@ class _Violations:
         self.errors.append(InvalidRequest.field(field, description, reason=reason))
 
     def raise_if_any(self) -> None:
-        if not self.errors:
-            return
-        reasons = {e.reason for e in self.errors}
-        raise InvalidRequest(
-            "; ".join(e.message for e in self.errors),
-            [v for e in self.errors for v in e.violations],
-            reason=reasons.pop() if len(reasons) == 1 else None,
-        )
+        if self.errors:
+            raise InvalidRequest.combined(self.errors)
 
 
 def value_to_python(value: struct_pb2.Value) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -47,6 +47,19 @@ class InvalidRequest(ServingError):
     def field(cls, field: str, description: str, *, reason: str | None = None) -> InvalidRequest:
         """An error about a single field; the message names the field."""
         return cls(f"{field}: {description}", [FieldViolation(field, description)], reason=reason)
+
+    @classmethod
+    def combined(cls, errors: Sequence[InvalidRequest]) -> InvalidRequest:
+        """One error reporting several, so the caller learns every problem at once.
+
+        It keeps their common reason, or the generic one when they differ.
+        """
+        reasons = {e.reason for e in errors}
+        return cls(
+            "; ".join(e.message for e in errors),
+            [v for e in errors for v in e.violations],
+            reason=reasons.pop() if len(reasons) == 1 else cls.reason,
+        )
 
 
 class ModelNotFound(ServingError):

@@ -13,18 +13,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # grpc-stubs predate aio
 from grpc_reflection.v1alpha import reflection
 
-from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline_server.auth import BearerTokenInterceptor
 from autopipeline_server.domain import ModelState
 from autopipeline_server.pipelines import resolve_device, resolve_dtype
 from autopipeline_server.registry import ModelEntry, ModelRegistry
-from autopipeline_server.servicer import AutoPipelineServicer, service_handler
+from autopipeline_server.servicer import SERVICE_NAME, AutoPipelineServicer, service_handler
 from autopipeline_server.settings import Settings, describe, read_tls_files
 from autopipeline_server.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoPipelineService"].full_name
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -88,7 +88,11 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         try:
             if request is None:
                 raise _malformed("GenerateRequest")
-            domain_request = convert.generation_request(request, self._settings.limits)
+            # Decoding input images (and resizing them below) is CPU work proportional to what the
+            # caller sent: off the event loop, so other streams are not held up meanwhile.
+            domain_request = await asyncio.to_thread(
+                convert.generation_request, request, self._settings.limits
+            )
             entry = self._registry.entry(domain_request.model)
         except Exception as err:
             await abort(context, err, request_id)
@@ -110,7 +114,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             model = await self._registry.acquire(domain_request.model)
-            call = prepare_call(model, domain_request)
+            call = await asyncio.to_thread(prepare_call, model, domain_request)
             job = self._worker.submit(call)
         except Exception as err:
             await abort(context, err, request_id)

@@ -51,7 +51,6 @@ class Job:
     def __init__(self, call: PreparedCall, loop: asyncio.AbstractEventLoop) -> None:
         self.call = call
         self.images = len(call.seeds)
-        self.batch_key = call.batch_key()
         self.arrived = time.perf_counter()
         self._loop = loop
         self._events: asyncio.Queue[Event | _Failed] = asyncio.Queue()
@@ -59,6 +58,11 @@ class Job:
         self.cancel_reason: ServingError = RequestCancelled("cancelled while running")
         self.done = False
         self.last_position: int | None = None
+
+    @functools.cached_property
+    def batch_key(self) -> str | None:
+        """See `PreparedCall.batch_key`; computed only when batching asks for it."""
+        return self.call.batch_key()
 
     # -- called on the worker thread
     def emit_threadsafe(self, event: Event | _Failed) -> None:
