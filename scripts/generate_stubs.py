@@ -17,6 +17,14 @@ PACKAGE = Path("autopipeline") / "v1"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
+def _plugin(name: str) -> str:
+    """mypy-protobuf's protoc plugin: beside this interpreter first, so an unactivated venv works."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found beside {sys.executable} or on PATH: pip install mypy-protobuf")
+    return f"--plugin={name}={found}"
+
+
 def generate(out_root: Path) -> list[Path]:
     """Runs protoc (grpcio-tools) with mypy-protobuf over every .proto; returns the files written."""
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE).glob("*.proto"))
@@ -24,6 +32,8 @@ def generate(out_root: Path) -> list[Path]:
         sys.executable,
         "-m",
         "grpc_tools.protoc",
+        _plugin("protoc-gen-mypy"),
+        _plugin("protoc-gen-mypy_grpc"),
         f"--proto_path={PROTO_ROOT}",
         f"--python_out={out_root}",
         f"--grpc_python_out={out_root}",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -46,6 +47,29 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+@contextlib.contextmanager
+def fault_in_denoiser(server: ServerThread, model: str, fault: Callable[[int], None]) -> Iterator[None]:
+    """A fake, for what a CPU cannot do (a CUDA out-of-memory): calls `fault(n)` before the n-th
+    denoiser forward pass of `model` (one per denoising step), from inside a real pipeline call."""
+    loaded = server.running.registry.entries[model].model
+    assert loaded is not None, f"{model} is not loaded"
+    denoiser = getattr(loaded.base, "unet", None) or loaded.base.transformer
+    real_forward = denoiser.forward
+    calls = 0
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        fault(calls)
+        return real_forward(*args, **kwargs)
+
+    denoiser.forward = forward
+    try:
+        yield
+    finally:
+        del denoiser.forward  # the instance attribute goes; the class's forward is back
 
 
 def png_bytes(image: PIL.Image.Image) -> bytes:

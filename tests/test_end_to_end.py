@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 
 BIN = Path(sys.executable).parent
+GRACE = 120  # seconds: drain waits for in-flight work up to this long
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -41,7 +43,7 @@ def served(checkpoints: dict[str, Path], tmp_path: Path) -> Iterator[tuple[subpr
             "--port",
             "0",
             "--grace",
-            "20",
+            str(GRACE),
         ],
         stdout=subprocess.PIPE,
         stderr=log,
@@ -106,23 +108,32 @@ def test_cli_against_a_separate_server_then_graceful_shutdown(
     assert bad.returncode == 1
     assert "INVALID_ARGUMENT" in bad.stderr and "width" in bad.stderr
 
-    # SIGTERM with a request in flight: it completes, the process exits 0.
-    slow = subprocess.Popen(
-        [cli, "--target", target, "generate", "--task", "text-to-image", "--prompt", "slow", "--steps", "400",
-         "--width", "256", "--height", "256", "-o", str(tmp_path / "slow.png")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # SIGTERM with a request in flight: it completes, the process exits 0. The request is sized from
+    # the step time measured just now, to run for several seconds whatever the machine's speed; the
+    # grace period is far longer than that.
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.AutoPipelineServiceStub(channel)
-        deadline = time.monotonic() + 60
+        request = pb.GenerateRequest(task=pb.TASK_TEXT_TO_IMAGE, prompt="measure", num_inference_steps=10)
+        progress = [e.progress for e in stub.Generate(request) if e.HasField("progress")]
+        step_seconds = progress[-1].elapsed.ToNanoseconds() / 1e9 / len(progress)
+        steps = min(500, max(20, math.ceil(5.0 / step_seconds)))
+        slow = subprocess.Popen(
+            [cli, "--target", target, "generate", "--task", "text-to-image", "--prompt", "slow",
+             "--steps", str(steps), "-o", str(tmp_path / "slow.png")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
         while stub.Inspect(pb.InspectRequest()).server.running == 0:
             assert time.monotonic() < deadline and slow.poll() is None, "the slow request never started"
             time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    _, slow_stderr = slow.communicate(timeout=120)
+    _, slow_stderr = slow.communicate(timeout=GRACE + 60)
     assert slow.returncode == 0, slow_stderr
     assert process.wait(60) == 0
     assert (tmp_path / "slow.png").exists()
+    server_log = (tmp_path / "server.log").read_text()
+    # The last request to complete, the slow one, completed after draining began.
+    assert server_log.index("shutting down") < server_log.rindex(" OK: "), "not in flight at SIGTERM"
     after = run(cli, "--target", target, "--timeout", "5", "inspect")
     assert after.returncode == 1
 

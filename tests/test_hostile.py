@@ -24,7 +24,7 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server.settings import Limits, ModelSpec, Settings
 
-from .support import ServerThread, png_bytes
+from .support import ServerThread, fault_in_denoiser, png_bytes
 
 GENERATE = "/autopipeline.v1.AutoPipelineService/Generate"
 INSPECT = "/autopipeline.v1.AutoPipelineService/Inspect"
@@ -205,6 +205,10 @@ BATTERY: list[tuple[str, dict[str, Any], grpc.StatusCode, list[str]]] = [
     ("parent path as model", {"task": T2I, "model": "../../etc/passwd"}, grpc.StatusCode.NOT_FOUND, []),
     ("URL as model", {"task": T2I, "model": "https://example.com/weights"}, grpc.StatusCode.NOT_FOUND, []),
     ("hub id not served", {"task": T2I, "model": "org/some-model"}, grpc.StatusCode.NOT_FOUND, []),
+    ("source not allowed", {"task": T2I, "source": "org/some-model"}, grpc.StatusCode.NOT_FOUND, []),
+    ("source and model both", {"task": T2I, "model": "sd15", "source": "org/m"}, INVALID, ["source"]),
+    ("model name too long", {"task": T2I, "model": "m" * 8000}, INVALID, ["model"]),
+    ("source too long", {"task": T2I, "source": "/" + "s" * 5000}, INVALID, ["source"]),
     (
         "task the model cannot do",
         {"task": I2I, "model": "sd15-inpainting", "image": IMAGE},
@@ -390,18 +394,12 @@ def test_server_is_alive_after_fuzzing(stub: pb_grpc.AutoPipelineServiceStub) ->
 def test_out_of_memory_fails_only_that_request(
     server: ServerThread, stub: pb_grpc.AutoPipelineServiceStub
 ) -> None:
-    worker = server.running.worker
-
     def fake_cuda_oom(step: int) -> None:  # a CPU cannot run out of CUDA memory; fake it mid-call
         if step == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (fake)")
 
-    worker.testing_fault_hook = fake_cuda_oom
-    try:
-        with pytest.raises(grpc.RpcError) as caught:
-            list(stub.Generate(pb.GenerateRequest(task=T2I, prompt="x", num_inference_steps=4), timeout=60))
-    finally:
-        worker.testing_fault_hook = None
+    with fault_in_denoiser(server, "sd15", fake_cuda_oom), pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(pb.GenerateRequest(task=T2I, prompt="x", num_inference_steps=4), timeout=60))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
     assert status is not None
@@ -417,13 +415,8 @@ def test_a_bug_inside_a_call_is_internal_without_details(
     def bug(step: int) -> None:
         raise KeyError("secret internal state")
 
-    server.running.worker.testing_fault_hook = bug
-    try:
-        call = stub.Generate(pb.GenerateRequest(task=T2I, prompt="x", num_inference_steps=2), timeout=60)
-        with pytest.raises(grpc.RpcError) as caught:
-            list(call)
-    finally:
-        server.running.worker.testing_fault_hook = None
+    with fault_in_denoiser(server, "sd15", bug), pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(pb.GenerateRequest(task=T2I, prompt="x", num_inference_steps=2), timeout=60))
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in caught.value.details()
     request_id = dict(caught.value.trailing_metadata() or ())["x-request-id"]

@@ -193,7 +193,7 @@ def test_batched_requests_match_solo_requests(
         for variant, events in zip(variants, results, strict=True):
             assert isinstance(events, list), events
             started = next(e.started for e in events if e.HasField("started"))
-            assert started.batch_size > 1, "the requests did not share a call"
+            assert started.batch_requests > 1, "the requests did not share a call"
             count = int(variant.get("num_images", 1))
             assert list(started.seeds) == [int(variant["seed"]) + i for i in range(count)]
             for index in range(count):
@@ -235,7 +235,7 @@ def test_batched_image_to_image_keeps_each_input(batching: ServerThread, server:
         stub = pb_grpc.AutoPipelineServiceStub(channel)
         for request, events in zip(requests, results, strict=True):
             assert isinstance(events, list), events
-            assert next(e.started for e in events if e.HasField("started")).batch_size == 2
+            assert next(e.started for e in events if e.HasField("started")).batch_requests == 2
             solo = list(stub.Generate(request))
             assert np.abs(_pixels(_image(events)) - _pixels(_image(solo))).max() <= 1
 
@@ -257,7 +257,7 @@ def test_cancelled_batch_member_does_not_spoil_the_others(batching: ServerThread
     kept, cancelled = asyncio.run(main())
     assert cancelled
     assert isinstance(kept, list), kept
-    assert next(e.started for e in kept if e.HasField("started")).batch_size == 2
+    assert next(e.started for e in kept if e.HasField("started")).batch_requests == 2
     assert kept[-1].HasField("completed") and _image(kept)
 
 
@@ -272,7 +272,7 @@ def test_incompatible_requests_are_not_batched(batching: ServerThread) -> None:
 
     for events in asyncio.run(main()):
         assert isinstance(events, list), events
-        assert next(e.started for e in events if e.HasField("started")).batch_size == 1
+        assert next(e.started for e in events if e.HasField("started")).batch_requests == 1
 
 
 # --------------------------------------------------------------------------------------- model cache
@@ -311,7 +311,7 @@ def test_on_demand_models_load_once_and_are_evicted_lru(
         async with grpc.aio.insecure_channel(cache_server.target) as channel:
             stub = pb_grpc.AutoPipelineServiceStub(channel)
             return await asyncio.gather(
-                *(collect(stub, pb.GenerateRequest(model=model, prompt=str(i), **SHORT)) for i in range(n))
+                *(collect(stub, pb.GenerateRequest(source=model, prompt=str(i), **SHORT)) for i in range(n))
             )
 
     first = asyncio.run(concurrently(m1, 5))
@@ -322,16 +322,16 @@ def test_on_demand_models_load_once_and_are_evicted_lru(
 
     with grpc.insecure_channel(cache_server.target) as channel:
         stub = pb_grpc.AutoPipelineServiceStub(channel)
-        assert list(stub.Generate(pb.GenerateRequest(model=m2, prompt="x", **SHORT)))[-1].HasField(
+        assert list(stub.Generate(pb.GenerateRequest(source=m2, prompt="x", **SHORT)))[-1].HasField(
             "completed"
         )
         models = {m.name: m for m in stub.Inspect(pb.InspectRequest()).models}
         assert models[m1].state == pb.MODEL_STATE_EVICTED
         assert models[m2].state == pb.MODEL_STATE_READY and models[m2].parameter_bytes > 0
         assert models["sd15"].state == pb.MODEL_STATE_READY, "configured models are pinned"
-        assert stub.Inspect(pb.InspectRequest()).server.memory_budget > 0
+        assert stub.Inspect(pb.InspectRequest()).server.memory_budget_bytes > 0
 
-        assert list(stub.Generate(pb.GenerateRequest(model=m1, prompt="again", **SHORT)))[-1].HasField(
+        assert list(stub.Generate(pb.GenerateRequest(source=m1, prompt="again", **SHORT)))[-1].HasField(
             "completed"
         )
     assert registry.entries[m1].loads == 2
@@ -356,7 +356,11 @@ def test_only_allowed_sources_can_be_named(
             "/etc/passwd",
         ):
             with pytest.raises(grpc.RpcError) as caught:
-                list(stub.Generate(pb.GenerateRequest(model=name, prompt="x", **SHORT)))
+                list(stub.Generate(pb.GenerateRequest(source=name, prompt="x", **SHORT)))
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND, name
+            # `model` names configured models only, never a path, even an allowed one.
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Generate(pb.GenerateRequest(model=str(allowed_dir / "m3"), prompt="x", **SHORT)))
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND, name
     assert not [e for e in cache_server.running.registry.entries.values() if "outside" in e.spec.source]
 
@@ -370,10 +374,10 @@ def test_on_demand_load_failure_is_unavailable_with_the_reason(
     with grpc.insecure_channel(cache_server.target) as channel:
         stub = pb_grpc.AutoPipelineServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
-            list(stub.Generate(pb.GenerateRequest(model=str(broken), prompt="x", **SHORT)))
+            list(stub.Generate(pb.GenerateRequest(source=str(broken), prompt="x", **SHORT)))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "DDPMPipeline" in caught.value.details()
-        (info,) = stub.Inspect(pb.InspectRequest(model=str(broken))).models
+        (info,) = stub.Inspect(pb.InspectRequest(source=str(broken))).models
         assert info.state == pb.MODEL_STATE_FAILED and "DDPMPipeline" in info.state_reason
 
 
@@ -384,28 +388,33 @@ def test_drain_finishes_in_flight_work_and_refuses_new(checkpoints: dict[str, Pa
     server = ServerThread(tiny_settings(checkpoints))
     try:
 
-        async def main() -> tuple[list[object], list[object], int]:
+        async def main() -> tuple[list[object], list[object], int, int]:
             async with grpc.aio.insecure_channel(server.target) as channel:
                 stub = pb_grpc.AutoPipelineServiceStub(channel)
                 health = health_pb2_grpc.HealthStub(channel)
-                slow = {**LONG, "num_inference_steps": 40}
+                slow = {**SHORT, "num_inference_steps": 40}
                 in_flight = [
                     asyncio.ensure_future(collect(stub, pb.GenerateRequest(prompt=str(i), seed=i, **slow)))
                     for i in range(3)
                 ]
-                while server.running.worker.running == 0:
-                    await asyncio.sleep(0.01)
+                # Drain only once all three are in the queue (preparing them takes a while on a busy
+                # machine; a request not yet admitted when draining starts is rightly refused).
+                info = (await stub.Inspect(pb.InspectRequest())).server
+                while info.stats.submitted < 3:
+                    info = (await stub.Inspect(pb.InspectRequest())).server
                 stopping = asyncio.wrap_future(
-                    asyncio.run_coroutine_threadsafe(server.running.stop(30), server.loop)
+                    asyncio.run_coroutine_threadsafe(server.running.stop(120), server.loop)
                 )
-                await asyncio.sleep(0.2)
-                status = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+                status = health_pb2.HealthCheckResponse.SERVING
+                while status == health_pb2.HealthCheckResponse.SERVING:
+                    status = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
                 late = [await collect(stub, pb.GenerateRequest(prompt="late", **SHORT))]
                 done = await asyncio.gather(*in_flight)
                 await stopping
-                return list(done), late, status
+                return list(done), late, status, info.queue_depth + info.running
 
-        done, late, status = asyncio.run(main())
+        done, late, status, in_flight_when_draining = asyncio.run(main())
+        assert in_flight_when_draining >= 1
         for events in done:
             assert isinstance(events, list), events
             assert events[-1].HasField("completed")

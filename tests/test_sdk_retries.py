@@ -23,7 +23,7 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server.settings import ModelSpec, Settings
 
-from .support import ServerThread
+from .support import ServerThread, fault_in_denoiser
 
 NO_JITTER = {"jitter": 0.0}
 LONG = pb.GenerateRequest(
@@ -147,12 +147,11 @@ def test_nothing_is_retried_after_the_first_event(retry_server: ServerThread) ->
         if step == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
 
-    server.running.worker.testing_fault_hook = fake_cuda_oom
-    try:
-        with Client(server.target, retry=RetryPolicy(max_attempts=5)) as client:
-            with pytest.raises(ResourceExhaustedError) as caught:
-                client.generate("x", num_inference_steps=3)
-            assert caught.value.reason == "OUT_OF_MEMORY" and caught.value.retry_after
-    finally:
-        server.running.worker.testing_fault_hook = None
+    with Client(server.target, retry=RetryPolicy(max_attempts=5)) as client:
+        with (
+            fault_in_denoiser(server, "sd15", fake_cuda_oom),
+            pytest.raises(ResourceExhaustedError) as caught,
+        ):
+            client.generate("x", num_inference_steps=3)
+        assert caught.value.reason == "OUT_OF_MEMORY" and caught.value.retry_after
     assert calls == [1], "the request ran again after events had been sent"

@@ -45,10 +45,10 @@ def test_inspect_is_typed(client: Client) -> None:
     assert (sd15.state, sd15.family, sd15.is_default) == (ModelState.READY, "stable-diffusion", True)
     assert [task.task for task in sd15.tasks] == [Task.TEXT_TO_IMAGE, Task.IMAGE_TO_IMAGE, Task.INPAINTING]
     eta = next(parameter for parameter in sd15.tasks[0].parameters if parameter.name == "eta")
-    assert (eta.default, eta.has_default) == (0, True)
+    assert (eta.default, eta.has_default, eta.kind, eta.schema) == (0, True, "number", {"type": "number"})
     assert models["ddpm"].state is ModelState.FAILED
     assert [model.name for model in client.inspect("sdxl").models] == ["sdxl"]
-    assert (info.max_batch_size, info.allowed_sources, info.memory_budget) == (1, [], 0)
+    assert (info.max_batch_images, info.allowed_sources, info.memory_budget_bytes) == (1, [], 0)
     client.generate("counted", num_inference_steps=2)
     after = client.inspect().stats
     assert after.completed >= info.stats.completed + 1

@@ -79,10 +79,11 @@ def started(seeds: Iterable[int] = (7,)) -> pb.GenerateResponse:
             pipeline_class="StableDiffusionPipeline",
             total_steps=3,
             seeds=list(seeds),
-            batch_size=1,
+            batch_requests=1,
             width=8,
             height=8,
             scheduler="PNDMScheduler",
+            batch_images=len(list(seeds)),
         )
     )
 
@@ -295,10 +296,11 @@ def test_events_convert_in_order() -> None:
         pipeline_class="StableDiffusionPipeline",
         total_steps=3,
         seeds=(7, 8),
-        batch_size=1,
+        batch_requests=1,
         width=8,
         height=8,
         scheduler="PNDMScheduler",
+        batch_images=2,
     )
     assert progress == Progress(step=1, total_steps=3, elapsed=0.5)
     assert isinstance(preview, Preview)
@@ -471,9 +473,12 @@ def inspect_response() -> pb.InspectResponse:
         pipeline_class="StableDiffusionPipeline",
         parameters=[
             pb.ParameterInfo(
-                name="eta", type="float", default_value=struct_pb2.Value(number_value=0.0), has_default=True
+                name="eta",
+                default_value=struct_pb2.Value(number_value=0.0),
+                schema=struct_pb2.Struct(fields={"type": struct_pb2.Value(string_value="number")}),
+                kind=pb.VALUE_KIND_NUMBER,
             ),
-            pb.ParameterInfo(name="ip_adapter_image", type="PipelineImageInput | None"),
+            pb.ParameterInfo(name="prompt_2", kind=pb.VALUE_KIND_ANY, nullable=True),
         ],
         schedulers=["DDIMScheduler", "PNDMScheduler"],
         default_scheduler="PNDMScheduler",
@@ -543,8 +548,9 @@ def test_server_info_converts_everything() -> None:
         True,
     )
     eta, image = task.parameters
-    assert (eta.name, eta.type, eta.default, eta.has_default) == ("eta", "float", 0, True)
-    assert (image.default, image.has_default) == (None, False)
+    assert (eta.name, eta.default, eta.has_default) == ("eta", 0, True)
+    assert (eta.schema, eta.kind, eta.nullable) == ({"type": "number"}, "number", False)
+    assert (image.default, image.has_default, image.kind, image.nullable) == (None, False, "any", True)
     assert (broken.state, broken.state_reason) == (ModelState.FAILED, "no weights")
     assert odd.state is ModelState.UNKNOWN
 

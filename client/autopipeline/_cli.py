@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask", type=pathlib.Path, metavar="FILE", help="inpainting mask (white = repaint)"
     )
     generate.add_argument("--model", default="", metavar="NAME", help="default: the server's default model")
+    generate.add_argument(
+        "--source", default="", metavar="HUB_ID_OR_PATH", help="an on-demand checkpoint the server allows"
+    )
     generate.add_argument("--seed", type=int, metavar="N")
     generate.add_argument("--steps", type=int, metavar="N", help="denoising steps")
     generate.add_argument("--width", type=int, metavar="PX")
@@ -194,6 +197,7 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         args.prompt,
         task=_task(args),
         model=args.model,
+        source=args.source,
         negative_prompt=args.negative_prompt,
         image=args.image,
         mask_image=args.mask,

@@ -173,7 +173,9 @@ class Client(_BaseClient):
         Args:
             prompt: The text prompt.
             task: ``"text-to-image"`` (default), ``"image-to-image"`` or ``"inpainting"``, or a `Task`.
-            model: A served model name; empty uses the server's default model.
+            model: A configured model name (see `inspect`); empty uses the server's default model.
+            source: Instead of ``model``, an on-demand checkpoint the server allows (a hub id such as
+                ``"org/name"`` or an absolute directory; see `ServerInfo.allowed_sources`).
             negative_prompt: What the images should not show.
             image: The input image of image-to-image and inpainting: a PIL image, bytes or a path.
             mask_image: The inpainting mask (white is repainted, black kept), as for ``image``.
@@ -245,8 +247,10 @@ class Client(_BaseClient):
                     raise
             time.sleep(delay)
 
-    def inspect(self, model: str | None = None, *, timeout: float | None = None) -> ServerInfo:
-        """Describes the server, its limits and its models (or only ``model``).
+    def inspect(
+        self, model: str | None = None, *, source: str | None = None, timeout: float | None = None
+    ) -> ServerInfo:
+        """Describes the server, its limits and its models (or only ``model``, or on-demand ``source``).
 
         Example:
             >>> info = client.inspect()
@@ -258,7 +262,7 @@ class Client(_BaseClient):
             try:
                 with _sdk_errors():
                     response = self._stub.Inspect(
-                        inspect_request(model), timeout=attempts.timeout(), metadata=self._metadata
+                        inspect_request(model, source), timeout=attempts.timeout(), metadata=self._metadata
                     )
                 return server_info(response)
             except AutoPipelineError as err:
@@ -349,8 +353,10 @@ class AsyncClient(_BaseClient):
                     raise
             await asyncio.sleep(delay)
 
-    async def inspect(self, model: str | None = None, *, timeout: float | None = None) -> ServerInfo:
-        """Describes the server, its limits and its models (or only ``model``); see `Client.inspect`.
+    async def inspect(
+        self, model: str | None = None, *, source: str | None = None, timeout: float | None = None
+    ) -> ServerInfo:
+        """Describes the server and its models (or only ``model``/``source``); see `Client.inspect`.
 
         Example:
             >>> info = await client.inspect()
@@ -362,7 +368,7 @@ class AsyncClient(_BaseClient):
             try:
                 with _sdk_errors():
                     response = await self._stub.Inspect(
-                        inspect_request(model), timeout=attempts.timeout(), metadata=self._metadata
+                        inspect_request(model, source), timeout=attempts.timeout(), metadata=self._metadata
                     )
                 return server_info(response)
             except AutoPipelineError as err:

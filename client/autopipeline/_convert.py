@@ -41,6 +41,7 @@ def generate_call(
     *,
     task: Task | str = Task.TEXT_TO_IMAGE,
     model: str = "",
+    source: str = "",
     negative_prompt: str = "",
     image: ImageInput | None = None,
     mask_image: ImageInput | None = None,
@@ -65,6 +66,7 @@ def generate_call(
     """
     fields: dict[str, Any] = {
         "model": model,
+        "source": source,
         "task": pb.Task.Value(f"TASK_{_coerce(Task, task, 'task').name}"),
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -106,9 +108,9 @@ def generate_call(
     return GenerateCall(request, timeout)
 
 
-def inspect_request(model: str | None) -> pb.InspectRequest:
-    """The `InspectRequest` for one model, or for all when ``model`` is None or empty."""
-    return pb.InspectRequest(model=model or "")
+def inspect_request(model: str | None, source: str | None = None) -> pb.InspectRequest:
+    """The `InspectRequest` for one model (or on-demand source), or for all when both are empty."""
+    return pb.InspectRequest(model=model or "", source=source or "")
 
 
 def encode_image(image: ImageInput) -> pb.Image:
@@ -334,7 +336,7 @@ def server_info(response: pb.InspectResponse) -> _types.ServerInfo:
         _types.ServerInfo,
         response.server,
         limits=_from_fields(_types.Limits, response.server.limits),
-        max_batch_size=response.server.batching.max_batch_size or 1,
+        max_batch_images=response.server.batching.max_batch_images or 1,
         max_batch_delay=_seconds(response.server.batching.max_delay),
         allowed_sources=list(response.server.allowed_sources),
         stats=_from_fields(_types.ServerStats, response.server.stats),
@@ -368,5 +370,13 @@ def _task_info(message: pb.TaskInfo) -> _types.TaskInfo | None:
 
 
 def _parameter_info(message: pb.ParameterInfo) -> _types.ParameterInfo:
-    default = _from_value(message.default_value) if message.has_default else None
-    return _from_fields(_types.ParameterInfo, message, default=default)
+    has_default = message.HasField("default_value")
+    kind = pb.ValueKind.Name(message.kind).removeprefix("VALUE_KIND_").lower() if message.kind else "any"
+    return _from_fields(
+        _types.ParameterInfo,
+        message,
+        default=_from_value(message.default_value) if has_default else None,
+        has_default=has_default,
+        schema=_from_struct(message.schema),
+        kind=kind,
+    )

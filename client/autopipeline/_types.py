@@ -136,7 +136,7 @@ class Started:
     """Denoising steps this call runs (after ``strength`` is applied)."""
     seeds: tuple[int, ...]
     """The seed of each image, in order."""
-    batch_size: int
+    batch_requests: int
     """How many requests share this pipeline call (1 without batching)."""
     width: int
     """Output width in pixels."""
@@ -144,6 +144,8 @@ class Started:
     """Output height in pixels."""
     scheduler: str
     """The scheduler class in use."""
+    batch_images: int
+    """How many images this pipeline call makes for all the requests sharing it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +330,7 @@ class ServerStats:
     """Pipeline calls run on the device."""
     batched_calls: int
     """Pipeline calls that served more than one request."""
-    largest_batch: int
+    largest_batch_images: int
     """The most images one pipeline call has produced."""
 
 
@@ -375,12 +377,17 @@ class ParameterInfo:
 
     name: str
     """The argument name."""
-    type: str
-    """Its Python type annotation, as text."""
     default: Any
     """Its default value (``None`` when it has none that JSON can express)."""
     has_default: bool
     """Whether `default` is the real default."""
+    schema: dict[str, Any]
+    """The JSON values accepted, as a JSON Schema fragment (``{}`` accepts anything)."""
+    kind: str
+    """The JSON kind of a non-null value: ``"number"``, ``"integer"``, ``"boolean"``, ``"string"``,
+    ``"array"``, ``"object"``, or ``"any"`` when several are accepted."""
+    nullable: bool
+    """Whether ``None`` is accepted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +415,8 @@ class TaskInfo:
     """Output height used when a text-to-image request sets none."""
     supports_previews: bool
     """Whether ``preview_interval`` is supported."""
+    size_multiple: int
+    """Output width and height must be multiples of this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +450,8 @@ class ModelInfo:
     """The checkpoint's own pipeline class (``model_index.json`` ``_class_name``)."""
     tasks: list[TaskInfo]
     """The tasks the model can perform (those this SDK knows), in `Task` order."""
+    on_demand: bool
+    """Whether it was loaded on demand from a request's ``source`` (it may then be evicted)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,13 +480,13 @@ class ServerInfo:
     """Requests running on the device now."""
     limits: Limits
     """The limits requests must respect."""
-    max_batch_size: int
+    max_batch_images: int
     """Images one batched pipeline call may hold; 1 means the server does not batch."""
     max_batch_delay: float
     """Seconds the first request of a batch may wait for compatible company."""
     allowed_sources: list[str]
     """Glob patterns of sources (hub ids, absolute paths) requests may name to load on demand."""
-    memory_budget: int
+    memory_budget_bytes: int
     """Parameter bytes on-demand models may hold together; 0 means no budget."""
     stats: ServerStats
     """Counters since the server started."""

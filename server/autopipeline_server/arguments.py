@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import types
 import typing
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 FIELD_ARGUMENTS = {
@@ -128,6 +130,66 @@ def jsonable(value: Any) -> tuple[bool, Any]:
     return False, None
 
 
+class ValueKind(Enum):
+    """The JSON kind of a parameter's (non-null) value, for clients in any language."""
+
+    NUMBER = "number"
+    INTEGER = "integer"
+    BOOLEAN = "boolean"
+    STRING = "string"
+    ARRAY = "array"
+    OBJECT = "object"
+    ANY = "any"
+
+
+_SCALAR_TYPES: dict[Any, str] = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+def json_schema(annotation: Any) -> dict[str, Any]:
+    """A JSON Schema fragment for the JSON values `coerce` accepts for `annotation` ({} = anything)."""
+    if annotation is Any:
+        return {}
+    if annotation is None or annotation is type(None):
+        return {"type": "null"}
+    if annotation in _SCALAR_TYPES:
+        return {"type": _SCALAR_TYPES[annotation]}
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [json_schema(arg) for arg in args]}
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return {
+            "type": "array",
+            "prefixItems": [json_schema(arg) for arg in args],
+            "minItems": len(args),
+            "maxItems": len(args),
+        }
+    if origin in (list, tuple) or annotation in (list, tuple):
+        items = json_schema(args[0]) if args else {}
+        return {"type": "array", "items": items} if items else {"type": "array"}
+    if origin is dict or annotation is dict:
+        return {"type": "object"}
+    return {}
+
+
+def _kinds(schema: dict[str, Any]) -> set[str]:
+    if "anyOf" in schema:
+        return {kind for member in schema["anyOf"] for kind in _kinds(member)}
+    return {schema["type"]} if "type" in schema else {"any"}
+
+
+def value_kind(schema: dict[str, Any]) -> tuple[ValueKind, bool]:
+    """The single JSON kind a schema accepts besides null (ANY when several), and whether null is accepted."""
+    kinds = _kinds(schema)
+    nullable = "null" in kinds or "any" in kinds
+    kinds.discard("null")
+    if kinds == {"integer", "number"}:  # every integer is a number
+        kinds = {"number"}
+    if len(kinds) == 1 and "any" not in kinds:
+        return ValueKind(kinds.pop()), nullable
+    return ValueKind.ANY, nullable
+
+
 @dataclass(frozen=True)
 class ParameterInfo:
     """One argument a request may pass through `parameters`."""
@@ -138,8 +200,12 @@ class ParameterInfo:
     default: Any
 
     @property
-    def type_name(self) -> str:
-        return _json_type_name(self.annotation)
+    def schema(self) -> dict[str, Any]:
+        return json_schema(self.annotation)
+
+    def describe(self) -> str:
+        """How a caller should write the value, for error messages: the JSON Schema fragment."""
+        return json.dumps(self.schema, separators=(",", ":")) if self.schema else "any JSON value"
 
 
 def call_parameters(

@@ -1,34 +1,23 @@
-"""Pipeline calls: validate a request against a task pipeline; run it, alone or batched, on the device."""
+"""Runs prepared pipeline calls on the device thread, alone or batched; reports steps, honours cancels."""
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import math
-import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import PIL.Image
 import torch
 
-from autopipeline_server.arguments import FIELD_ARGUMENTS, RESERVED_ARGUMENTS, coerce, jsonable
 from autopipeline_server.domain import GenerationRequest, Task
-from autopipeline_server.errors import InvalidRequest, OutOfMemory
-from autopipeline_server.pipelines import LoadedModel, TaskPipeline
+from autopipeline_server.errors import OutOfMemory
+from autopipeline_server.pipelines import LoadedModel
+from autopipeline_server.prepare import PER_MEMBER_ARGUMENTS, PreparedCall, prepare_call
+from autopipeline_server.previews import decode_previews
 
 log = logging.getLogger(__name__)
-
-PREVIEW_MAX_SIDE = 256
-# Arguments that differ between the members of a batched call; each member's go into lists.
-PER_MEMBER_ARGUMENTS = frozenset(
-    {"prompt", "negative_prompt", "num_images_per_prompt", "image", "mask_image"}
-)
-# Secondary prompts are broadcast against the prompt list in ways that differ by family: run alone.
-UNBATCHABLE_ARGUMENTS = frozenset({"prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3"})
 
 
 class PipelineRejected(Exception):
@@ -37,11 +26,6 @@ class PipelineRejected(Exception):
 
 class CallCancelled(Exception):
     """Raised from inside the denoising loop to abort a call whose callers are gone."""
-
-
-# Test-only: called on the device thread after every denoising step with the step number, so
-# tests can raise what a CPU cannot produce (a CUDA out-of-memory) from inside a real call.
-StepFaultHook = Callable[[int], None]
 
 
 class CallHooks(Protocol):
@@ -56,203 +40,6 @@ class CallHooks(Protocol):
     def cancelled(self) -> bool: ...
 
 
-# ------------------------------------------------------------------------------------ prepared calls
-
-
-MAX_SEED = 2**64 - 1
-
-
-@dataclass
-class PreparedCall:
-    """A request resolved against one task pipeline: everything needed to call it, validated."""
-
-    model: LoadedModel
-    target: TaskPipeline
-    kwargs: dict[str, Any]
-    seeds: tuple[int, ...]
-    width: int
-    height: int
-    scheduler: str
-    preview_interval: int
-
-    def batch_key(self) -> str | None:
-        """Calls with equal keys can share one pipeline call; None means this call runs alone.
-
-        Everything but the prompts, inputs and seeds must match: model, task, size, steps,
-        guidance, strength, scheduler, previews and every extra argument. Whether a negative
-        prompt is present matters too: SDXL treats an absent one (zeros) differently from "".
-        """
-        if UNBATCHABLE_ARGUMENTS & self.kwargs.keys():
-            return None
-        shared = {k: v for k, v in self.kwargs.items() if k not in PER_MEMBER_ARGUMENTS}
-        ok, values = jsonable(list(shared.values()))
-        if not ok:
-            return None
-        return json.dumps(
-            [
-                self.model.spec.name,
-                id(self.model),
-                self.target.task.value,
-                self.scheduler,
-                self.width,
-                self.height,
-                self.preview_interval,
-                "negative_prompt" in self.kwargs,
-                sorted(zip(shared, values, strict=True)),
-            ]
-        )
-
-    def resolved_parameters(self) -> dict[str, Any]:
-        """The call arguments as JSON values, for the `completed` event."""
-        resolved: dict[str, Any] = {}
-        for name, value in self.kwargs.items():
-            if name in ("image", "mask_image"):
-                continue
-            ok, converted = jsonable(value)
-            if ok:
-                resolved[name] = converted
-        resolved["width"], resolved["height"] = self.width, self.height
-        resolved["scheduler"] = self.scheduler
-        resolved["seeds"] = [s if s < 2**53 else str(s) for s in self.seeds]
-        return resolved
-
-
-def _round_down(value: int, multiple: int) -> int:
-    return max(multiple, value // multiple * multiple)
-
-
-def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall:
-    """Validates a request against the model's pipeline for its task and builds the call arguments."""
-    target = model.task(request.task)
-    errors: list[InvalidRequest] = []
-    multiple = target.size_multiple
-
-    # Sizes: explicit, else the input image's size (rounded down), else the model default.
-    if request.image is not None:
-        base_width, base_height = request.image.size
-        base_width, base_height = _round_down(base_width, multiple), _round_down(base_height, multiple)
-    else:
-        base_width, base_height = target.default_size
-    width = request.width if request.width is not None else base_width
-    height = request.height if request.height is not None else base_height
-    for name, value in (("width", width), ("height", height)):
-        if value % multiple:
-            errors.append(InvalidRequest.field(name, f"must be a multiple of {multiple}, got {value}"))
-
-    steps = request.num_inference_steps
-    if steps is None:
-        steps = int(target.default_of("num_inference_steps") or 50)
-    kwargs: dict[str, Any] = {"prompt": request.prompt, "num_inference_steps": steps}
-    if request.negative_prompt:
-        if "negative_prompt" not in target.named_arguments:
-            errors.append(InvalidRequest.field("negative_prompt", f"{target.pipeline_class} takes none"))
-        kwargs["negative_prompt"] = request.negative_prompt
-
-    if request.guidance_scale is not None:
-        if "guidance_scale" not in target.named_arguments:
-            errors.append(InvalidRequest.field("guidance_scale", f"{target.pipeline_class} takes none"))
-        elif not math.isfinite(request.guidance_scale) or request.guidance_scale < 0:
-            errors.append(InvalidRequest.field("guidance_scale", "must be a finite number >= 0"))
-        kwargs["guidance_scale"] = request.guidance_scale
-    elif "guidance_scale" in target.named_arguments:
-        kwargs["guidance_scale"] = target.default_of("guidance_scale")
-
-    if "strength" in target.named_arguments:
-        strength = request.strength if request.strength is not None else target.default_of("strength")
-        if strength is not None:
-            if not (math.isfinite(strength) and 0 < strength <= 1):
-                errors.append(InvalidRequest.field("strength", f"must be in (0, 1], got {strength}"))
-            elif int(steps * strength) < 1:
-                errors.append(
-                    InvalidRequest.field(
-                        "strength",
-                        f"leaves no step: int(num_inference_steps {steps} * strength {strength}) is 0",
-                    )
-                )
-            kwargs["strength"] = strength
-    elif request.strength is not None:
-        errors.append(InvalidRequest.field("strength", f"{target.pipeline_class} takes no strength"))
-
-    if "height" in target.named_arguments and "width" in target.named_arguments:
-        kwargs["height"], kwargs["width"] = height, width
-    elif request.image is None and (width, height) != target.default_size:
-        errors.append(InvalidRequest.field("width", f"{target.pipeline_class} cannot set the output size"))
-
-    if request.image is not None:
-        image = request.image
-        if image.size != (width, height):
-            image = image.resize((width, height), PIL.Image.Resampling.LANCZOS)
-        kwargs["image"] = image
-    if request.mask_image is not None:
-        if request.image is not None and request.mask_image.size != request.image.size:
-            errors.append(
-                InvalidRequest.field(
-                    "mask_image",
-                    f"must be the size of image ({request.image.size[0]}x{request.image.size[1]}), "
-                    f"got {request.mask_image.size[0]}x{request.mask_image.size[1]}",
-                )
-            )
-        mask = request.mask_image
-        if mask.size != (width, height):
-            mask = mask.resize((width, height), PIL.Image.Resampling.NEAREST)
-        kwargs["mask_image"] = mask
-
-    scheduler = request.scheduler or target.default_scheduler
-    if scheduler not in target.schedulers:
-        errors.append(
-            InvalidRequest.field(
-                "scheduler", f"{scheduler!r} is not compatible; choose one of {', '.join(target.schedulers)}"
-            )
-        )
-
-    for name, value in request.parameters.items():
-        field_name = f"parameters.{name}"
-        if name in FIELD_ARGUMENTS:
-            errors.append(
-                InvalidRequest.field(field_name, f"use the request field {FIELD_ARGUMENTS[name]!r}")
-            )
-        elif name not in target.accepted:
-            reason = "is set by the server" if name in RESERVED_ARGUMENTS else "is not an argument of"
-            errors.append(
-                InvalidRequest.field(
-                    field_name,
-                    f"{reason} {target.pipeline_class}; accepted: {', '.join(sorted(target.accepted))}",
-                    reason="UNKNOWN_PARAMETER",
-                )
-            )
-        else:
-            info = target.accepted[name]
-            try:
-                kwargs[name] = coerce(value, info.annotation)
-            except TypeError as err:
-                errors.append(
-                    InvalidRequest.field(field_name, f"must be {info.type_name} ({err}), got {value!r}")
-                )
-
-    if request.preview_interval and not target.supports_previews:
-        errors.append(
-            InvalidRequest.field("preview_interval", f"{target.pipeline_class} cannot make previews")
-        )
-
-    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-    if seed + request.num_images - 1 > MAX_SEED:
-        errors.append(InvalidRequest.field("seed", f"seed + num_images - 1 must not exceed {MAX_SEED}"))
-    if errors:
-        raise InvalidRequest.combined(errors)
-
-    kwargs["num_images_per_prompt"] = request.num_images
-    return PreparedCall(
-        model=model,
-        target=target,
-        kwargs=kwargs,
-        seeds=tuple(seed + i for i in range(request.num_images)),
-        width=width,
-        height=height,
-        scheduler=scheduler,
-        preview_interval=request.preview_interval,
-    )
-
-
 # ------------------------------------------------------------------------------------------ running
 
 
@@ -264,11 +51,8 @@ class _ProgressReporter:
     those without `callback_on_step_end`.
     """
 
-    def __init__(
-        self, hooks: CallHooks, preview_interval: int, pipe: Any, fault_hook: StepFaultHook | None = None
-    ) -> None:
+    def __init__(self, hooks: CallHooks, preview_interval: int, pipe: Any) -> None:
         self._hooks = hooks
-        self._fault_hook = fault_hook
         self._preview_interval = preview_interval
         self._pipe = pipe
         self._total = 0
@@ -306,11 +90,9 @@ class _ProgressReporter:
 
     def update(self, n: int = 1) -> None:
         self._done = min(self._total, self._done + n)
-        if self._fault_hook is not None:
-            self._fault_hook(self._done)
         self._hooks.step(self._done, self._total)
         if self._preview_interval and self.latents is not None and self._done % self._preview_interval == 0:
-            self._hooks.preview(self._done, _decode_previews(self._pipe, self.latents))
+            self._hooks.preview(self._done, decode_previews(self._pipe, self.latents))
         self._check()
 
     def __enter__(self) -> _ProgressReporter:
@@ -318,30 +100,6 @@ class _ProgressReporter:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def _decode_previews(pipe: Any, latents: torch.Tensor) -> list[PIL.Image.Image]:
-    vae = pipe.vae
-    scaled = latents / vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift:
-        scaled = scaled + shift
-    # The SDXL VAE overflows in float16 (force_upcast); decode in float32 as the pipelines do, and
-    # give the shared module back in its own dtype (only this thread touches it meanwhile).
-    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    dtype = vae.dtype
-    try:
-        if upcast:
-            vae.to(torch.float32)
-        with torch.no_grad():
-            decoded = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
-    finally:
-        if upcast:
-            vae.to(dtype)
-    images: list[PIL.Image.Image] = pipe.image_processor.postprocess(decoded.float(), output_type="pil")
-    for image in images:
-        image.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
-    return images
 
 
 class _BatchHooks:
@@ -387,12 +145,7 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_batch(
-    calls: Sequence[PreparedCall],
-    hooks: Sequence[CallHooks],
-    *,
-    testing_fault_hook: StepFaultHook | None = None,
-) -> list[list[PIL.Image.Image]]:
+def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list[list[PIL.Image.Image]]:
     """Runs one pipeline call for compatible prepared calls (see `PreparedCall.batch_key`).
 
     Runs on the device thread. Returns each call's images in seed order. A single call is passed
@@ -410,7 +163,7 @@ def run_batch(
         call_hooks = _BatchHooks([(h, len(c.seeds)) for c, h in zip(calls, hooks, strict=True)])
     kwargs["generator"] = [torch.Generator("cpu").manual_seed(seed) for call in calls for seed in call.seeds]
     kwargs["output_type"] = "pil"
-    reporter = _ProgressReporter(call_hooks, first.preview_interval, pipe, testing_fault_hook)
+    reporter = _ProgressReporter(call_hooks, first.preview_interval, pipe)
     if first.preview_interval:
         kwargs["callback_on_step_end"] = reporter.on_step_end
         kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]

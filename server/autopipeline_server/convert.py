@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline_server import __version__
+from autopipeline_server.arguments import ParameterInfo, ValueKind, value_kind
 from autopipeline_server.codecs import (
     DEFAULT_QUALITY,
     EncodedImage,
@@ -92,12 +93,32 @@ def output_format(request: pb.GenerateRequest) -> tuple[OutputFormat, int]:
     return FORMATS.get(request.output_format, OutputFormat.PNG), request.output_quality or DEFAULT_QUALITY
 
 
+# Seeds are uint64 on the wire; image i uses seed + i, which must stay representable.
+MAX_SEED = 2**64 - 1
+# Configured names are at most 128 characters (settings.ModelSpec); a source is a hub id or a path.
+MAX_MODEL_NAME_LENGTH = 128
+MAX_SOURCE_LENGTH = 1024
+
+
 def generation_request(request: pb.GenerateRequest, limits: Limits) -> GenerationRequest:
-    """Validates the wire request against the server's limits and the task's fields."""
+    """Validates everything about a wire request that does not depend on the model, all at once.
+
+    This is the one owner of these rules: field ranges and limits, which fields apply to the task,
+    the output encoding, the seed range, and the input images (decoded here, mask size included).
+    What depends on the model (size multiples, arguments its pipeline takes) is `prepare.py`'s.
+    """
     v = _Violations()
     task = TASKS.get(request.task)
     if task is None:
         v.add("task", "must be TASK_TEXT_TO_IMAGE, TASK_IMAGE_TO_IMAGE or TASK_INPAINTING")
+    if request.model and request.source:
+        v.add("source", "names an on-demand checkpoint; leave `model` empty when setting it")
+    if len(request.model) > MAX_MODEL_NAME_LENGTH:
+        v.add(
+            "model", f"is {len(request.model)} characters; model names have at most {MAX_MODEL_NAME_LENGTH}"
+        )
+    if len(request.source) > MAX_SOURCE_LENGTH:
+        v.add("source", f"is {len(request.source)} characters; the limit is {MAX_SOURCE_LENGTH}")
     for name in ("prompt", "negative_prompt"):
         text = getattr(request, name)
         if len(text) > limits.max_prompt_length:
@@ -115,8 +136,12 @@ def generation_request(request: pb.GenerateRequest, limits: Limits) -> Generatio
     num_images = request.num_images or 1
     if num_images > limits.max_num_images:
         v.add("num_images", f"must be at most {limits.max_num_images}, got {num_images}")
-    if request.HasField("guidance_scale") and not math.isfinite(request.guidance_scale):
-        v.add("guidance_scale", "must be a finite number")
+    if request.HasField("seed") and request.seed + num_images - 1 > MAX_SEED:
+        v.add("seed", f"seed + num_images - 1 must not exceed {MAX_SEED}")
+    if request.HasField("guidance_scale") and not (
+        math.isfinite(request.guidance_scale) and request.guidance_scale >= 0
+    ):
+        v.add("guidance_scale", f"must be a finite number >= 0, got {request.guidance_scale}")
     if request.output_format not in FORMATS:
         v.add("output_format", f"unknown value {request.output_format}")
     if request.output_quality > 100:
@@ -132,18 +157,17 @@ def generation_request(request: pb.GenerateRequest, limits: Limits) -> Generatio
             )
         parameters = struct_to_python(request.parameters)
 
-    has_mask = request.HasField("mask_image")
     if task is Task.TEXT_TO_IMAGE:
         for name in ("image", "mask_image", "strength"):
             if request.HasField(name):  # type: ignore[arg-type]
                 v.add(name, "does not apply to text-to-image", reason="FIELD_NOT_APPLICABLE")
-    if task is Task.IMAGE_TO_IMAGE and has_mask:
+    if task is Task.IMAGE_TO_IMAGE and request.HasField("mask_image"):
         v.add(
             "mask_image",
             "does not apply to image-to-image; use TASK_INPAINTING",
             reason="FIELD_NOT_APPLICABLE",
         )
-    if request.HasField("strength") and not (0 < request.strength <= 1):
+    if request.HasField("strength") and not (math.isfinite(request.strength) and 0 < request.strength <= 1):
         v.add("strength", f"must be in (0, 1], got {request.strength}")
 
     image = mask = None
@@ -159,10 +183,16 @@ def generation_request(request: pb.GenerateRequest, limits: Limits) -> Generatio
             )
         except InvalidRequest as err:
             v.errors.append(err)
+    if image is not None and mask is not None and mask.size != image.size:
+        v.add(
+            "mask_image",
+            f"must be the size of image ({image.size[0]}x{image.size[1]}), got {mask.size[0]}x{mask.size[1]}",
+        )
     v.raise_if_any()
     assert task is not None
     return GenerationRequest(
         model=request.model,
+        source=request.source,
         task=task,
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -204,7 +234,8 @@ def started_event(event: Started) -> pb.GenerateResponse:
             pipeline_class=event.pipeline_class,
             total_steps=event.total_steps,
             seeds=list(event.seeds),
-            batch_size=event.batch_size,
+            batch_requests=event.batch_requests,
+            batch_images=event.batch_images,
             width=event.width,
             height=event.height,
             scheduler=event.scheduler,
@@ -268,24 +299,40 @@ def _value(value: Any) -> struct_pb2.Value:
     return holder.fields["v"]
 
 
+VALUE_KINDS = {
+    ValueKind.NUMBER: pb.VALUE_KIND_NUMBER,
+    ValueKind.INTEGER: pb.VALUE_KIND_INTEGER,
+    ValueKind.BOOLEAN: pb.VALUE_KIND_BOOLEAN,
+    ValueKind.STRING: pb.VALUE_KIND_STRING,
+    ValueKind.ARRAY: pb.VALUE_KIND_ARRAY,
+    ValueKind.OBJECT: pb.VALUE_KIND_OBJECT,
+    ValueKind.ANY: pb.VALUE_KIND_ANY,
+}
+
+
+def _parameter_info(info: ParameterInfo) -> pb.ParameterInfo:
+    schema = info.schema
+    kind, nullable = value_kind(schema)
+    return pb.ParameterInfo(
+        name=info.name,
+        default_value=_value(info.default) if info.has_default else None,
+        schema=struct(schema),
+        kind=VALUE_KINDS[kind],
+        nullable=nullable,
+    )
+
+
 def task_info(target: TaskPipeline) -> pb.TaskInfo:
     return pb.TaskInfo(
         task=TASKS_TO_WIRE[target.task],
         pipeline_class=target.pipeline_class,
-        parameters=[
-            pb.ParameterInfo(
-                name=info.name,
-                type=info.type_name,
-                has_default=info.has_default,
-                default_value=_value(info.default) if info.has_default else None,
-            )
-            for info in target.accepted.values()
-        ],
+        parameters=[_parameter_info(info) for info in target.accepted.values()],
         schedulers=list(target.schedulers),
         default_scheduler=target.default_scheduler,
         default_width=target.default_size[0],
         default_height=target.default_size[1],
         supports_previews=target.supports_previews,
+        size_multiple=target.size_multiple,
     )
 
 
@@ -296,6 +343,7 @@ def model_info(entry: ModelEntry, *, default_model: str, device: str, dtype: str
         state=STATES[entry.state],
         state_reason=entry.reason,
         is_default=entry.spec.name == default_model,
+        on_demand=not entry.pinned,
         device=device,
         dtype=dtype,
     )
@@ -323,10 +371,10 @@ def server_info(
         queue_depth=queue_depth,
         running=running,
         batching=pb.Batching(
-            max_batch_size=settings.max_batch_size, max_delay=duration(settings.max_batch_delay_ms / 1000)
+            max_batch_images=settings.max_batch_size, max_delay=duration(settings.max_batch_delay_ms / 1000)
         ),
         allowed_sources=list(settings.allow_sources),
-        memory_budget=settings.memory_budget,
+        memory_budget_bytes=settings.memory_budget,
         stats=pb.ServerStats(**dataclasses.asdict(stats)),
         limits=pb.Limits(
             max_width=limits.max_width,

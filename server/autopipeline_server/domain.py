@@ -31,6 +31,8 @@ class GenerationRequest:
     model: str
     task: Task
     prompt: str
+    # An on-demand checkpoint (hub id or absolute path) instead of a configured `model`.
+    source: str = ""
     negative_prompt: str = ""
     width: int | None = None
     height: int | None = None
@@ -58,7 +60,9 @@ class Started:
     pipeline_class: str
     total_steps: int
     seeds: tuple[int, ...]
-    batch_size: int
+    # Requests sharing the pipeline call, and the images it makes for all of them.
+    batch_requests: int
+    batch_images: int
     width: int
     height: int
     scheduler: str

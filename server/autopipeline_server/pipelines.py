@@ -105,7 +105,13 @@ class LoadedModel:
     dtype: torch.dtype
     parameter_bytes: int
     scheduler_config: Any
+    base: Any
     tasks: dict[Task, TaskPipeline] = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> None:
+        """Moves the shared modules (every task pipeline's) to `device`."""
+        self.base.to(device)
+        self.device = device
 
     def task(self, task: Task) -> TaskPipeline:
         try:
@@ -219,10 +225,12 @@ def read_checkpoint_class(source: str) -> str:
     return class_name
 
 
-def load_model(
-    spec: ModelSpec, *, device: torch.device, dtype: torch.dtype, allow_pickle: bool
-) -> LoadedModel:
-    """Loads a checkpoint once through AutoPipeline and derives its other tasks with `from_pipe`."""
+def load_model(spec: ModelSpec, *, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
+    """Loads a checkpoint once through AutoPipeline and derives its other tasks with `from_pipe`.
+
+    Reads (and, for a hub id, downloads) the weights into host memory; it does not touch the
+    device, so it runs off the device thread. `LoadedModel.to` moves it there.
+    """
     checkpoint_class = read_checkpoint_class(spec.source)
     classes = task_classes(checkpoint_class)
     family = family_of(checkpoint_class)
@@ -245,7 +253,6 @@ def load_model(
         )
     except Exception as err:
         raise ModelFailed(f"loading {spec.source!r} failed: {type(err).__name__}: {err}") from err
-    base.to(device)
     base.set_progress_bar_config(disable=True)
     tasks = list(classes)
     if _is_inpainting_unet(base):
@@ -260,10 +267,11 @@ def load_model(
         spec=spec,
         family=family,
         checkpoint_class=checkpoint_class,
-        device=device,
+        device=base.device,
         dtype=dtype,
         parameter_bytes=_parameter_bytes(base),
         scheduler_config=base.scheduler.config,
+        base=base,
         tasks={task: _task_pipeline(task, pipe) for task, pipe in sorted(pipes.items(), key=_task_order)},
     )
     log.info(

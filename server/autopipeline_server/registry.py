@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import gc
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,22 +61,25 @@ StateListener = Callable[[ModelEntry], None]
 
 
 def allowed_source(name: str, patterns: tuple[str, ...]) -> str | None:
-    """The source a request may load under `name`, or None: hub ids and absolute paths matching a pattern.
+    """The normalised source a request may load under `name`, or None.
 
-    URLs, relative paths and `..` never match; a local path must match both as written and
-    after symlinks are resolved, so a link inside an allowed directory cannot lead outside it.
+    Hub ids and absolute paths matching a pattern are allowed. URLs, relative paths and `..` never
+    match; a local path must match both as written (normalised: `//m/./x/` is `/m/x`) and after
+    symlinks are resolved, so a link inside an allowed directory cannot lead outside it. Every
+    spelling of one directory normalises to one source, so it is loaded once.
     """
     if not patterns or "://" in name or "\\" in name or "\0" in name:
         return None
     if name.startswith("/"):
         if ".." in Path(name).parts:
             return None
-        real = os.path.realpath(name)
+        normal = "/" + os.path.normpath(name).lstrip("/")
+        real = os.path.realpath(normal)
         local = [p for p in patterns if p.startswith("/")]
-        if any(fnmatch.fnmatchcase(name, p) for p in local) and any(
+        if any(fnmatch.fnmatchcase(normal, p) for p in local) and any(
             fnmatch.fnmatchcase(real, p) for p in local
         ):
-            return name
+            return normal
         return None
     if _HUB_ID.match(name) and ".." not in name:
         hub = [p for p in patterns if not p.startswith("/")]
@@ -91,7 +96,10 @@ def _size_on_disk(source: str) -> int:
 
 
 class ModelRegistry:
-    """Loads each model once, on the device thread, warms it, and keeps on-demand models in budget."""
+    """Knows every model; loads each once, off the device thread; keeps on-demand models in budget.
+
+    A request finds its model with `lookup` (once) and holds it with `lease` while it runs.
+    """
 
     def __init__(
         self,
@@ -110,27 +118,42 @@ class ModelRegistry:
             spec.name: ModelEntry(spec, pinned=True) for spec in settings.models
         }
         self._on_state_change = on_state_change
+        # Reading weights (and downloading them) happens here, so the device thread keeps serving;
+        # one thread, so loads queue instead of filling host memory at once.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
 
     @property
     def default_model(self) -> str:
         return self.settings.default_model
 
-    def entry(self, name: str) -> ModelEntry:
-        """The entry for a request's model (empty = the default); allowed sources get one on first use."""
-        resolved = name or self.default_model
-        existing = self.entries.get(resolved)
-        if existing is not None:
+    def lookup(self, model: str = "", source: str = "", *, create: bool = True) -> ModelEntry:
+        """The entry a request names: a configured `model` (empty = the default) or an on-demand `source`.
+
+        With `create`, an allowed source seen for the first time gets an entry (not loaded yet).
+        """
+        if not source:
+            entry = self.entries.get(model or self.default_model)
+            if entry is None or not entry.pinned:
+                served = ", ".join(e.spec.name for e in self.entries.values() if e.pinned)
+                hint = "; to load a checkpoint on demand, name it in `source`" if "/" in model else ""
+                raise ModelNotFound(
+                    f"model {model!r} is not served here; served models: {served}{hint}",
+                    metadata={"model": model},
+                )
+            return entry
+        normal = allowed_source(source, self.settings.allow_sources)
+        existing = self.entries.get(normal) if normal is not None else None
+        if existing is not None and not existing.pinned:
             return existing
-        source = allowed_source(resolved, self.settings.allow_sources)
-        if source is None:
-            served = ", ".join(e.spec.name for e in self.entries.values() if e.pinned)
+        if normal is None or not create:
+            allowed = ", ".join(self.settings.allow_sources) or "none"
             raise ModelNotFound(
-                f"model {resolved!r} is not served here; served models: {served}",
-                metadata={"model": resolved},
+                f"source {source!r} is not an allowed on-demand source (allowed: {allowed})",
+                metadata={"source": source},
             )
         self._forget_stale_entries()
-        entry = ModelEntry(ModelSpec(name=source, source=source), pinned=False, reason="not loaded yet")
-        self.entries[source] = entry
+        entry = ModelEntry(ModelSpec(name=normal, source=normal), pinned=False, reason="not loaded yet")
+        self.entries[normal] = entry
         return entry
 
     def _forget_stale_entries(self) -> None:
@@ -142,56 +165,38 @@ class ModelRegistry:
         for entry in sorted(stale, key=lambda e: e.last_used)[: len(dynamic) - MAX_REMEMBERED_SOURCES + 1]:
             del self.entries[entry.spec.name]
 
-    def find(self, name: str) -> ModelEntry:
-        """An existing entry (empty = the default model); never creates one."""
-        entry = self.entries.get(name or self.default_model)
-        if entry is None:
-            raise ModelNotFound(f"model {name!r} is not known here", metadata={"model": name})
-        return entry
+    @contextlib.asynccontextmanager
+    async def lease(self, entry: ModelEntry) -> AsyncIterator[LoadedModel]:
+        """Holds a ready model for one request: never evicted meanwhile; on-demand models load first.
 
-    def get(self, name: str) -> LoadedModel:
-        """A ready model, or the error that says why it cannot serve now."""
-        entry = self.entry(name)
-        if entry.state is ModelState.READY and entry.model is not None:
-            entry.last_used = time.monotonic()
-            return entry.model
-        if entry.state is ModelState.FAILED and entry.pinned:
-            raise ModelFailed(
-                f"model {entry.spec.name!r} failed to load: {entry.reason}",
-                metadata={"model": entry.spec.name},
-            )
-        raise ModelLoading(f"model {entry.spec.name!r} is loading", metadata={"model": entry.spec.name})
-
-    async def acquire(self, name: str) -> LoadedModel:
-        """A ready model; on-demand models are loaded first (once, however many callers wait)."""
-        entry = self.entry(name)
-        if entry.pinned or entry.state is ModelState.READY:
-            return self.get(name)
-        if entry.loading is None or entry.loading.done():
-            entry.loading = asyncio.get_running_loop().create_task(
-                self._load(entry, warm=self.settings.warmup)
-            )
-        await asyncio.shield(entry.loading)
-        model = self._ready(entry)
-        if model is None:
-            raise ModelUnavailable(
-                f"model {entry.spec.name!r} could not be loaded: {entry.reason}",
-                metadata={"model": entry.spec.name},
-            )
-        entry.last_used = time.monotonic()
-        return model
-
-    @staticmethod
-    def _ready(entry: ModelEntry) -> LoadedModel | None:
-        return entry.model if entry.state is ModelState.READY else None
-
-    @contextlib.contextmanager
-    def use(self, name: str) -> Iterator[None]:
-        """Marks a model in use for a request's lifetime, so it is never evicted under it."""
-        entry = self.entry(name)
+        Concurrent first requests for an on-demand model share one load. Raises why the model
+        cannot serve: ModelFailed (a configured model failed), ModelLoading, ModelUnavailable.
+        """
         entry.in_use += 1
         try:
-            yield
+            if not entry.pinned and entry.state is not ModelState.READY:
+                if entry.loading is None or entry.loading.done():
+                    entry.loading = asyncio.get_running_loop().create_task(
+                        self._load(entry, warm=self.settings.warmup)
+                    )
+                await asyncio.shield(entry.loading)
+            if entry.state is ModelState.READY and entry.model is not None:
+                entry.last_used = time.monotonic()
+                yield entry.model
+            elif entry.pinned and entry.state is ModelState.FAILED:
+                raise ModelFailed(
+                    f"model {entry.spec.name!r} failed to load: {entry.reason}",
+                    metadata={"model": entry.spec.name},
+                )
+            elif entry.pinned:
+                raise ModelLoading(
+                    f"model {entry.spec.name!r} is loading", metadata={"model": entry.spec.name}
+                )
+            else:
+                raise ModelUnavailable(
+                    f"source {entry.spec.name!r} could not be loaded: {entry.reason}",
+                    metadata={"source": entry.spec.name},
+                )
         finally:
             entry.in_use -= 1
             entry.last_used = time.monotonic()
@@ -201,6 +206,9 @@ class ModelRegistry:
         for entry in list(self.entries.values()):
             if entry.pinned:
                 await self._load(entry, warm=warm)
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     def _budget_used(self, excluding: ModelEntry | None = None) -> int:
         return sum(
@@ -240,18 +248,24 @@ class ModelRegistry:
         log.info("evicted %s (%d bytes)", entry.spec.name, entry.last_size)
 
     async def _load(self, entry: ModelEntry, *, warm: bool) -> None:
+        """Reads weights on the loader thread; only the move to the device and warm-up use the device's."""
         self._set(entry, ModelState.LOADING, "loading")
         if not entry.pinned:
             await self._make_room(entry.last_size or _size_on_disk(entry.spec.source), keep=entry)
         entry.loads += 1
-        try:
-            model = await self._worker.run_on_device(
-                lambda: load_model(
-                    entry.spec, device=self.device, dtype=self.dtype, allow_pickle=self.settings.allow_pickle
-                )
-            )
+        spec, device = entry.spec, self.device
+
+        def place(model: LoadedModel) -> None:
+            model.to(device)
             if warm:
-                await self._worker.run_on_device(warm_up, model)
+                warm_up(model)
+
+        try:
+            read = functools.partial(
+                load_model, spec, dtype=self.dtype, allow_pickle=self.settings.allow_pickle
+            )
+            model = await asyncio.get_running_loop().run_in_executor(self._loader, read)
+            await self._worker.run_on_device(place, model)
         except ServingError as err:
             log.error("model %s cannot serve: %s", entry.spec.name, err.message)
             self._set(entry, ModelState.FAILED, err.message)

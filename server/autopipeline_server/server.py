@@ -54,6 +54,7 @@ class RunningServer:
         with contextlib.suppress(asyncio.CancelledError):
             await self.loading
         await self.worker.close()
+        self.registry.close()
 
 
 async def create_server(settings: Settings) -> RunningServer:

@@ -15,14 +15,15 @@ from google.protobuf.message import Message
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server import convert
-from autopipeline_server.calls import PipelineRejected, prepare_call
+from autopipeline_server.calls import PipelineRejected
 from autopipeline_server.codecs import encode_image
-from autopipeline_server.domain import Finished, GenerationRequest, Preview, Progress, Queued, Started
+from autopipeline_server.domain import Finished, Preview, Progress, Queued, Started
 from autopipeline_server.errors import InvalidRequest, ServingError
+from autopipeline_server.prepare import prepare_call
 from autopipeline_server.registry import ModelRegistry
 from autopipeline_server.settings import Settings
 from autopipeline_server.status import REQUEST_ID_KEY, abort
-from autopipeline_server.worker import InferenceWorker
+from autopipeline_server.worker import InferenceWorker, Job
 
 log = logging.getLogger(__name__)
 
@@ -93,87 +94,81 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
             domain_request = await asyncio.to_thread(
                 convert.generation_request, request, self._settings.limits
             )
-            entry = self._registry.entry(domain_request.model)
+            entry = self._registry.lookup(domain_request.model, domain_request.source)
         except Exception as err:
             await abort(context, err, request_id)
-        if not entry.pinned and entry.model is None:
+        if entry.model is None and not entry.pinned:
             # An on-demand model loads first; tell the caller it is waiting, as for the queue.
             depth = self._worker.queue_depth
             yield convert.queued_event(Queued(position=depth, depth=depth + 1))
-        with self._registry.use(entry.spec.name):
-            async for message in self._run(request, domain_request, context, request_id, arrived):
-                yield message
-
-    async def _run(
-        self,
-        request: pb.GenerateRequest,
-        domain_request: GenerationRequest,
-        context: Context,
-        request_id: str,
-        arrived: float,
-    ) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            model = await self._registry.acquire(domain_request.model)
-            call = await asyncio.to_thread(prepare_call, model, domain_request)
-            job = self._worker.submit(call)
-        except Exception as err:
-            await abort(context, err, request_id)
-        fmt, quality = convert.output_format(request)
-        chunk_bytes = self._settings.limits.image_chunk_bytes
-        try:
-            async for event in job.events():
-                if isinstance(event, Queued):
-                    yield convert.queued_event(event)
-                elif isinstance(event, Started):
-                    yield convert.started_event(event)
-                elif isinstance(event, Progress):
-                    yield convert.progress_event(event)
-                elif isinstance(event, Preview):
-                    encoded = await asyncio.to_thread(encode_image, event.image, fmt, quality)
-                    yield convert.preview_event(event, encoded)
-                elif isinstance(event, Finished):
-                    encoding_started = time.perf_counter()
-                    for index, (image, seed) in enumerate(zip(event.images, event.seeds, strict=True)):
-                        encoded = await asyncio.to_thread(encode_image, image, fmt, quality)
-                        for message in convert.image_events(index, seed, image.size, encoded, chunk_bytes):
-                            yield message
-                    now = time.perf_counter()
-                    yield convert.completed_event(
-                        event, encoding_seconds=now - encoding_started, total_seconds=now - arrived
-                    )
-                    log.info(
-                        "request %s OK: %s %s %s, %d image(s) %dx%d, queued %.3fs, ran %.3fs, total %.3fs",
-                        request_id,
-                        event.model,
-                        call.target.task.value,
-                        event.pipeline_class,
-                        len(event.images),
-                        call.width,
-                        call.height,
-                        event.queued_seconds,
-                        event.running_seconds,
-                        now - arrived,
-                    )
-        except PipelineRejected as err:
-            rejected = InvalidRequest(f"{call.target.pipeline_class} rejected the request: {err}")
-            await abort(context, rejected, request_id)
-        except ServingError as err:
-            await abort(context, err, request_id)
+            async with self._registry.lease(entry) as model:
+                call = await asyncio.to_thread(prepare_call, model, domain_request)
+                job = self._worker.submit(call)
+                try:
+                    async for message in self._stream(job, request, request_id, arrived):
+                        yield message
+                finally:
+                    self._worker.cancel(job)
         except asyncio.CancelledError:
             log.info("request %s: the caller went away", request_id)
             raise
+        except PipelineRejected as err:
+            rejected = InvalidRequest(f"the pipeline rejected the request: {err}")
+            await abort(context, rejected, request_id)
         except Exception as err:
             await abort(context, err, request_id)
-        finally:
-            self._worker.cancel(job)
+
+    async def _stream(
+        self, job: Job, request: pb.GenerateRequest, request_id: str, arrived: float
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """The job's events as wire messages; images are encoded here, off the device thread."""
+        call = job.call
+        fmt, quality = convert.output_format(request)
+        chunk_bytes = self._settings.limits.image_chunk_bytes
+        async for event in job.events():
+            if isinstance(event, Queued):
+                yield convert.queued_event(event)
+            elif isinstance(event, Started):
+                yield convert.started_event(event)
+            elif isinstance(event, Progress):
+                yield convert.progress_event(event)
+            elif isinstance(event, Preview):
+                encoded = await asyncio.to_thread(encode_image, event.image, fmt, quality)
+                yield convert.preview_event(event, encoded)
+            elif isinstance(event, Finished):
+                encoding_started = time.perf_counter()
+                for index, (image, seed) in enumerate(zip(event.images, event.seeds, strict=True)):
+                    encoded = await asyncio.to_thread(encode_image, image, fmt, quality)
+                    for message in convert.image_events(index, seed, image.size, encoded, chunk_bytes):
+                        yield message
+                now = time.perf_counter()
+                yield convert.completed_event(
+                    event, encoding_seconds=now - encoding_started, total_seconds=now - arrived
+                )
+                log.info(
+                    "request %s OK: %s %s %s, %d image(s) %dx%d, queued %.3fs, ran %.3fs, total %.3fs",
+                    request_id,
+                    event.model,
+                    call.target.task.value,
+                    event.pipeline_class,
+                    len(event.images),
+                    call.width,
+                    call.height,
+                    event.queued_seconds,
+                    event.running_seconds,
+                    now - arrived,
+                )
 
     async def Inspect(self, request: pb.InspectRequest | None, context: Context) -> pb.InspectResponse:
         if request is None:
             await abort(context, _malformed("InspectRequest"), uuid.uuid4().hex)
         entries = list(self._registry.entries.values())
-        if request.model:
+        if request.model or request.source:
             try:
-                entries = [self._registry.find(request.model)]
+                if request.model and request.source:
+                    raise InvalidRequest.field("source", "names an on-demand source; leave `model` empty")
+                entries = [self._registry.lookup(request.model, request.source, create=False)]
             except ServingError as err:
                 await abort(context, err, uuid.uuid4().hex)
         device = str(self._registry.device)

@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 
 import PIL.Image
 
-from autopipeline_server.calls import CallCancelled, PreparedCall, StepFaultHook, run_batch
+from autopipeline_server.calls import CallCancelled, run_batch
 from autopipeline_server.domain import Event, Finished, Preview, Progress, Queued, Started
 from autopipeline_server.errors import QueueFull, RequestCancelled, ServingError, ShuttingDown
+from autopipeline_server.prepare import PreparedCall
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,7 +43,7 @@ class WorkerStats:
     cancelled_running: int = 0
     pipeline_calls: int = 0
     batched_calls: int = 0
-    largest_batch: int = 0
+    largest_batch_images: int = 0
 
 
 class Job:
@@ -94,9 +95,10 @@ class Job:
 class _Hooks:
     """Turns a running call's progress into one job's events (on the worker thread)."""
 
-    def __init__(self, job: Job, batch_size: int) -> None:
+    def __init__(self, job: Job, batch_requests: int, batch_images: int) -> None:
         self._job = job
-        self._batch_size = batch_size
+        self._batch_requests = batch_requests
+        self._batch_images = batch_images
         self._started_at = 0.0
 
     def started(self, total_steps: int) -> None:
@@ -108,7 +110,8 @@ class _Hooks:
                 pipeline_class=call.target.pipeline_class,
                 total_steps=total_steps,
                 seeds=call.seeds,
-                batch_size=self._batch_size,
+                batch_requests=self._batch_requests,
+                batch_images=self._batch_images,
                 width=call.width,
                 height=call.height,
                 scheduler=call.scheduler,
@@ -152,8 +155,6 @@ class InferenceWorker:
         self._running: list[Job] = []
         self._accepting = True
         self._task: asyncio.Task[None] | None = None
-        # Test-only fault injection (see calls.StepFaultHook); never set outside tests.
-        self.testing_fault_hook: StepFaultHook | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -302,14 +303,11 @@ class InferenceWorker:
         self.stats.pipeline_calls += 1
         if len(batch) > 1:
             self.stats.batched_calls += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, sum(job.images for job in batch))
-        hooks = [_Hooks(job, len(batch)) for job in batch]
+        batch_images = sum(job.images for job in batch)
+        self.stats.largest_batch_images = max(self.stats.largest_batch_images, batch_images)
+        hooks = [_Hooks(job, len(batch), batch_images) for job in batch]
         try:
-            results = await self.run_on_device(
-                functools.partial(run_batch, testing_fault_hook=self.testing_fault_hook),
-                [job.call for job in batch],
-                hooks,
-            )
+            results = await self.run_on_device(run_batch, [job.call for job in batch], hooks)
         except CallCancelled:
             for job in batch:
                 self.stats.cancelled_running += 1

@@ -146,6 +146,50 @@ request for it loads it again.
 """
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
+class _ValueKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ValueKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ValueKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VALUE_KIND_UNSPECIFIED: _ValueKind.ValueType  # 0
+    """Not set."""
+    VALUE_KIND_NUMBER: _ValueKind.ValueType  # 1
+    """A JSON number with a fractional part allowed."""
+    VALUE_KIND_INTEGER: _ValueKind.ValueType  # 2
+    """A JSON number that must be integral."""
+    VALUE_KIND_BOOLEAN: _ValueKind.ValueType  # 3
+    """true or false."""
+    VALUE_KIND_STRING: _ValueKind.ValueType  # 4
+    """A string."""
+    VALUE_KIND_ARRAY: _ValueKind.ValueType  # 5
+    """A list; `ParameterInfo.schema` describes its items."""
+    VALUE_KIND_OBJECT: _ValueKind.ValueType  # 6
+    """An object with string keys."""
+    VALUE_KIND_ANY: _ValueKind.ValueType  # 7
+    """Several kinds are accepted; see `ParameterInfo.schema`."""
+
+class ValueKind(_ValueKind, metaclass=_ValueKindEnumTypeWrapper):
+    """The JSON kind of a parameter's value."""
+
+VALUE_KIND_UNSPECIFIED: ValueKind.ValueType  # 0
+"""Not set."""
+VALUE_KIND_NUMBER: ValueKind.ValueType  # 1
+"""A JSON number with a fractional part allowed."""
+VALUE_KIND_INTEGER: ValueKind.ValueType  # 2
+"""A JSON number that must be integral."""
+VALUE_KIND_BOOLEAN: ValueKind.ValueType  # 3
+"""true or false."""
+VALUE_KIND_STRING: ValueKind.ValueType  # 4
+"""A string."""
+VALUE_KIND_ARRAY: ValueKind.ValueType  # 5
+"""A list; `ParameterInfo.schema` describes its items."""
+VALUE_KIND_OBJECT: ValueKind.ValueType  # 6
+"""An object with string keys."""
+VALUE_KIND_ANY: ValueKind.ValueType  # 7
+"""Several kinds are accepted; see `ParameterInfo.schema`."""
+Global___ValueKind: _TypeAlias = ValueKind  # noqa: Y015
+
 @_typing.final
 class Image(_message.Message):
     """An encoded image (PNG, JPEG or WebP bytes)."""
@@ -198,11 +242,12 @@ class GenerateRequest(_message.Message):
     OUTPUT_QUALITY_FIELD_NUMBER: _builtins.int
     PREVIEW_INTERVAL_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The served model name; empty selects the server's default model. Where
-    the operator allows on-demand sources, a matching hub id ("org/name") or
-    absolute local path also works: it is loaded on first use (the caller
-    sees `queued` events meanwhile) and may be evicted when memory is short.
+    """A configured model name, as listed by `Inspect` (letters, digits, '.',
+    '_' and '-'; never a path or hub id). Empty selects the server's default
+    model, unless `source` is set. To name a checkpoint the operator did not
+    configure, use `source` instead.
     """
     task: Global___Task.ValueType
     """What to do. Required."""
@@ -211,21 +256,27 @@ class GenerateRequest(_message.Message):
     negative_prompt: _builtins.str
     """What the images should not show; empty means none."""
     width: _builtins.int
-    """Output width in pixels, a multiple of 8. Unset: the model's default,
-    or for image-to-image and inpainting the input image's width.
+    """Output width in pixels, a multiple of the task's `TaskInfo.size_multiple`.
+    Unset: the model's default, or for image-to-image and inpainting the
+    input image's width rounded down to that multiple.
     """
     height: _builtins.int
-    """Output height in pixels, a multiple of 8. Unset: as for `width`."""
+    """Output height in pixels; the same rules as `width`."""
     num_inference_steps: _builtins.int
     """Requested denoising steps. Unset: the pipeline's default. With
-    `strength`, the steps actually run are int(num_inference_steps * strength);
-    `started.total_steps` reports them.
+    `strength`, the steps actually run are int(num_inference_steps * strength),
+    computed in double precision exactly as diffusers does; `started.total_steps`
+    reports them.
     """
     guidance_scale: _builtins.float
-    """Classifier-free guidance scale. Unset: the pipeline's default."""
+    """Classifier-free guidance scale. Unset: the pipeline's default.
+    A finite number >= 0; double, so the value the caller wrote is the value
+    the pipeline receives.
+    """
     strength: _builtins.float
     """How much of `image` to change, in (0, 1]. Image-to-image and inpainting
-    only. Unset: the pipeline's default.
+    only. Unset: the pipeline's default. double: 0.7 stays 0.7, so step
+    counts match diffusers (10 steps at 0.7 run 7).
     """
     num_images: _builtins.int
     """How many images to generate; 0 means 1."""
@@ -243,6 +294,13 @@ class GenerateRequest(_message.Message):
     """JPEG/WebP quality, 1-100; 0 means the server's default (90)."""
     preview_interval: _builtins.int
     """0: no previews. N: a small preview image after every N-th step."""
+    source: _builtins.str
+    """An on-demand checkpoint to load and run instead of a configured model: a
+    hub id ("org/name") or an absolute local directory matching one of
+    `ServerInfo.allowed_sources`. It is loaded on first use (the caller sees
+    `queued` events meanwhile) and may be evicted when memory is short.
+    Setting both `model` and `source` is INVALID_ARGUMENT.
+    """
     @_builtins.property
     def image(self) -> Global___Image:
         """The input image. Required for image-to-image and inpainting; rejected
@@ -285,10 +343,11 @@ class GenerateRequest(_message.Message):
         output_quality: _builtins.int = ...,
         preview_interval: _builtins.int = ...,
         parameters: _struct_pb2.Struct | None = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_inference_steps", b"_num_inference_steps", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "image", b"image", "mask_image", b"mask_image", "num_inference_steps", b"num_inference_steps", "parameters", b"parameters", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_inference_steps", b"_num_inference_steps", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "image", b"image", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "output_quality", b"output_quality", "parameters", b"parameters", "preview_interval", b"preview_interval", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_inference_steps", b"_num_inference_steps", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "image", b"image", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "output_quality", b"output_quality", "parameters", b"parameters", "preview_interval", b"preview_interval", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "source", b"source", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -409,10 +468,11 @@ class Started(_message.Message):
     PIPELINE_CLASS_FIELD_NUMBER: _builtins.int
     TOTAL_STEPS_FIELD_NUMBER: _builtins.int
     SEEDS_FIELD_NUMBER: _builtins.int
-    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    BATCH_REQUESTS_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
     SCHEDULER_FIELD_NUMBER: _builtins.int
+    BATCH_IMAGES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The served model name."""
     pipeline_class: _builtins.str
@@ -421,7 +481,7 @@ class Started(_message.Message):
     """
     total_steps: _builtins.int
     """Denoising steps this call will run (after `strength` is applied)."""
-    batch_size: _builtins.int
+    batch_requests: _builtins.int
     """How many requests share this pipeline call (1 without batching)."""
     width: _builtins.int
     """Output width in pixels."""
@@ -429,6 +489,10 @@ class Started(_message.Message):
     """Output height in pixels."""
     scheduler: _builtins.str
     """The scheduler class in use."""
+    batch_images: _builtins.int
+    """How many images this pipeline call produces for all the requests that
+    share it (this request's `seeds` and its companions').
+    """
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The seed of each image, in order."""
@@ -440,14 +504,15 @@ class Started(_message.Message):
         pipeline_class: _builtins.str = ...,
         total_steps: _builtins.int = ...,
         seeds: _abc.Iterable[_builtins.int] | None = ...,
-        batch_size: _builtins.int = ...,
+        batch_requests: _builtins.int = ...,
         width: _builtins.int = ...,
         height: _builtins.int = ...,
         scheduler: _builtins.str = ...,
+        batch_images: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "height", b"height", "model", b"model", "pipeline_class", b"pipeline_class", "scheduler", b"scheduler", "seeds", b"seeds", "total_steps", b"total_steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_images", b"batch_images", "batch_requests", b"batch_requests", "height", b"height", "model", b"model", "pipeline_class", b"pipeline_class", "scheduler", b"scheduler", "seeds", b"seeds", "total_steps", b"total_steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -632,8 +697,10 @@ class Completed(_message.Message):
 
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """Every argument the pipeline was called with, as resolved by the server:
-        explicit values, defaults, sizes, scheduler and seeds.
+        """Every argument the pipeline was called with that JSON can express, as
+        resolved by the server: explicit values, defaults, sizes and scheduler.
+        Seeds are not repeated here (JSON numbers lose integers above 2^53): they
+        are in `Started.seeds` and `GeneratedImage.seed`.
         """
 
     def __init__(
@@ -660,16 +727,24 @@ class InspectRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """A served model name; empty describes every model."""
+    """A configured model name; empty (with `source` empty) describes every
+    model the server knows.
+    """
+    source: _builtins.str
+    """An on-demand source the server has seen (see `GenerateRequest.source`);
+    setting both `model` and `source` is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -721,7 +796,7 @@ class ServerInfo(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     BATCHING_FIELD_NUMBER: _builtins.int
     ALLOWED_SOURCES_FIELD_NUMBER: _builtins.int
-    MEMORY_BUDGET_FIELD_NUMBER: _builtins.int
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """autopipeline-grpc version."""
@@ -737,7 +812,7 @@ class ServerInfo(_message.Message):
     """The name of the model used when a request names none."""
     running: _builtins.int
     """Requests running on the device now."""
-    memory_budget: _builtins.int
+    memory_budget_bytes: _builtins.int
     """Parameter bytes on-demand models may hold together; 0: no budget."""
     @_builtins.property
     def limits(self) -> Global___Limits:
@@ -770,12 +845,12 @@ class ServerInfo(_message.Message):
         running: _builtins.int = ...,
         batching: Global___Batching | None = ...,
         allowed_sources: _abc.Iterable[_builtins.str] | None = ...,
-        memory_budget: _builtins.int = ...,
+        memory_budget_bytes: _builtins.int = ...,
         stats: Global___ServerStats | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "limits", b"limits", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_sources", b"allowed_sources", "batching", b"batching", "default_model", b"default_model", "device", b"device", "diffusers_version", b"diffusers_version", "limits", b"limits", "memory_budget", b"memory_budget", "queue_depth", b"queue_depth", "running", b"running", "stats", b"stats", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_sources", b"allowed_sources", "batching", b"batching", "default_model", b"default_model", "device", b"device", "diffusers_version", b"diffusers_version", "limits", b"limits", "memory_budget_bytes", b"memory_budget_bytes", "queue_depth", b"queue_depth", "running", b"running", "stats", b"stats", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -796,7 +871,7 @@ class ServerStats(_message.Message):
     REJECTED_DRAINING_FIELD_NUMBER: _builtins.int
     PIPELINE_CALLS_FIELD_NUMBER: _builtins.int
     BATCHED_CALLS_FIELD_NUMBER: _builtins.int
-    LARGEST_BATCH_FIELD_NUMBER: _builtins.int
+    LARGEST_BATCH_IMAGES_FIELD_NUMBER: _builtins.int
     submitted: _builtins.int
     """Generate requests accepted into the queue."""
     completed: _builtins.int
@@ -819,7 +894,7 @@ class ServerStats(_message.Message):
     """Pipeline calls run on the device."""
     batched_calls: _builtins.int
     """Pipeline calls that served more than one request."""
-    largest_batch: _builtins.int
+    largest_batch_images: _builtins.int
     """The most images one pipeline call has produced."""
     def __init__(
         self,
@@ -833,11 +908,11 @@ class ServerStats(_message.Message):
         rejected_draining: _builtins.int = ...,
         pipeline_calls: _builtins.int = ...,
         batched_calls: _builtins.int = ...,
-        largest_batch: _builtins.int = ...,
+        largest_batch_images: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batched_calls", b"batched_calls", "cancelled_queued", b"cancelled_queued", "cancelled_running", b"cancelled_running", "completed", b"completed", "failed", b"failed", "largest_batch", b"largest_batch", "pipeline_calls", b"pipeline_calls", "rejected_draining", b"rejected_draining", "rejected_queue_full", b"rejected_queue_full", "submitted", b"submitted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batched_calls", b"batched_calls", "cancelled_queued", b"cancelled_queued", "cancelled_running", b"cancelled_running", "completed", b"completed", "failed", b"failed", "largest_batch_images", b"largest_batch_images", "pipeline_calls", b"pipeline_calls", "rejected_draining", b"rejected_draining", "rejected_queue_full", b"rejected_queue_full", "submitted", b"submitted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -851,10 +926,10 @@ class Batching(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_IMAGES_FIELD_NUMBER: _builtins.int
     MAX_DELAY_FIELD_NUMBER: _builtins.int
-    max_batch_size: _builtins.int
-    """Images one batched call may hold; 1 means batching is off."""
+    max_batch_images: _builtins.int
+    """Images (not requests) one batched call may hold; 1 means batching is off."""
     @_builtins.property
     def max_delay(self) -> _duration_pb2.Duration:
         """How long the first request of a batch may wait for company."""
@@ -862,12 +937,12 @@ class Batching(_message.Message):
     def __init__(
         self,
         *,
-        max_batch_size: _builtins.int = ...,
+        max_batch_images: _builtins.int = ...,
         max_delay: _duration_pb2.Duration | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_delay", b"max_delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_delay", b"max_delay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_images", b"max_batch_images", "max_delay", b"max_delay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -948,6 +1023,7 @@ class ModelInfo(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
     CHECKPOINT_CLASS_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
+    ON_DEMAND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use."""
     source: _builtins.str
@@ -968,6 +1044,11 @@ class ModelInfo(_message.Message):
     """Whether requests with an empty `model` use this one."""
     checkpoint_class: _builtins.str
     """The checkpoint's own pipeline class (model_index.json `_class_name`)."""
+    on_demand: _builtins.bool
+    """Whether the model was loaded on demand from a `GenerateRequest.source`
+    (then `name` and `source` are that source, and it may be evicted) rather
+    than configured by the operator.
+    """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskInfo]:
         """The tasks the model can perform, in Task order."""
@@ -986,10 +1067,11 @@ class ModelInfo(_message.Message):
         is_default: _builtins.bool = ...,
         checkpoint_class: _builtins.str = ...,
         tasks: _abc.Iterable[Global___TaskInfo] | None = ...,
+        on_demand: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_class", b"checkpoint_class", "device", b"device", "dtype", b"dtype", "family", b"family", "is_default", b"is_default", "name", b"name", "parameter_bytes", b"parameter_bytes", "source", b"source", "state", b"state", "state_reason", b"state_reason", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_class", b"checkpoint_class", "device", b"device", "dtype", b"dtype", "family", b"family", "is_default", b"is_default", "name", b"name", "on_demand", b"on_demand", "parameter_bytes", b"parameter_bytes", "source", b"source", "state", b"state", "state_reason", b"state_reason", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1009,6 +1091,7 @@ class TaskInfo(_message.Message):
     DEFAULT_WIDTH_FIELD_NUMBER: _builtins.int
     DEFAULT_HEIGHT_FIELD_NUMBER: _builtins.int
     SUPPORTS_PREVIEWS_FIELD_NUMBER: _builtins.int
+    SIZE_MULTIPLE_FIELD_NUMBER: _builtins.int
     task: Global___Task.ValueType
     """The task."""
     pipeline_class: _builtins.str
@@ -1021,6 +1104,8 @@ class TaskInfo(_message.Message):
     """Output height used when a text-to-image request sets none."""
     supports_previews: _builtins.bool
     """Whether `preview_interval` is supported."""
+    size_multiple: _builtins.int
+    """Output width and height must be multiples of this."""
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterInfo]:
         """The arguments `GenerateRequest.parameters` accepts for this task."""
@@ -1040,10 +1125,11 @@ class TaskInfo(_message.Message):
         default_width: _builtins.int = ...,
         default_height: _builtins.int = ...,
         supports_previews: _builtins.bool = ...,
+        size_multiple: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "parameters", b"parameters", "pipeline_class", b"pipeline_class", "schedulers", b"schedulers", "supports_previews", b"supports_previews", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "parameters", b"parameters", "pipeline_class", b"pipeline_class", "schedulers", b"schedulers", "size_multiple", b"size_multiple", "supports_previews", b"supports_previews", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1051,35 +1137,52 @@ Global___TaskInfo: _TypeAlias = TaskInfo  # noqa: Y015
 
 @_typing.final
 class ParameterInfo(_message.Message):
-    """One argument of a pipeline's `__call__`."""
+    """One argument of a pipeline's `__call__` that `GenerateRequest.parameters`
+    accepts, described without reference to Python.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
-    TYPE_FIELD_NUMBER: _builtins.int
     DEFAULT_VALUE_FIELD_NUMBER: _builtins.int
-    HAS_DEFAULT_FIELD_NUMBER: _builtins.int
+    SCHEMA_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    NULLABLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The argument name."""
-    type: _builtins.str
-    """Its Python type annotation, as text."""
-    has_default: _builtins.bool
-    """Whether `default_value` is set."""
+    kind: Global___ValueKind.ValueType
+    """The JSON kind of the value when it is not null, for generators and UIs
+    that need one: VALUE_KIND_ANY when several kinds are accepted.
+    """
+    nullable: _builtins.bool
+    """Whether `null` is accepted."""
     @_builtins.property
     def default_value(self) -> _struct_pb2.Value:
-        """Its default value, when it has one that JSON can express."""
+        """Its default value; unset when the argument has no default that JSON can
+        express (a `null` value means the default is null).
+        """
+
+    @_builtins.property
+    def schema(self) -> _struct_pb2.Struct:
+        """The JSON values accepted, as a JSON Schema (2020-12) fragment using only
+        "type" ("number", "integer", "boolean", "string", "array", "object",
+        "null"), "items", "prefixItems", "minItems", "maxItems" and "anyOf"; an
+        empty schema accepts any value. For example
+        {"anyOf": [{"type": "number"}, {"type": "null"}]}.
+        """
 
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
-        type: _builtins.str = ...,
         default_value: _struct_pb2.Value | None = ...,
-        has_default: _builtins.bool = ...,
+        schema: _struct_pb2.Struct | None = ...,
+        kind: Global___ValueKind.ValueType = ...,
+        nullable: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["default_value", b"default_value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_value", b"default_value", "schema", b"schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_value", b"default_value", "has_default", b"has_default", "name", b"name", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_value", b"default_value", "kind", b"kind", "name", b"name", "nullable", b"nullable", "schema", b"schema"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

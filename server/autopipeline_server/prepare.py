@@ -1,0 +1,212 @@
+"""Prepares a pipeline call: checks a request against the model's task pipeline and builds its arguments.
+
+`convert.py` owns every rule that does not depend on the model; this module owns the ones that do
+(size multiples, which arguments the pipeline takes, defaults, schedulers), and reports all of its
+problems in one error. Nothing here runs the pipeline: that is `calls.py`, on the device thread.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import PIL.Image
+
+from autopipeline_server.arguments import FIELD_ARGUMENTS, RESERVED_ARGUMENTS, coerce, jsonable
+from autopipeline_server.domain import GenerationRequest
+from autopipeline_server.errors import InvalidRequest
+from autopipeline_server.pipelines import LoadedModel, TaskPipeline
+
+# Arguments that differ between the members of a batched call; each member's go into lists.
+PER_MEMBER_ARGUMENTS = frozenset(
+    {"prompt", "negative_prompt", "num_images_per_prompt", "image", "mask_image"}
+)
+# Secondary prompts are broadcast against the prompt list in ways that differ by family: run alone.
+UNBATCHABLE_ARGUMENTS = frozenset({"prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3"})
+NOT_APPLICABLE = "FIELD_NOT_APPLICABLE"
+
+
+@dataclass
+class PreparedCall:
+    """A request resolved against one task pipeline: everything needed to call it, validated."""
+
+    model: LoadedModel
+    target: TaskPipeline
+    kwargs: dict[str, Any]
+    seeds: tuple[int, ...]
+    width: int
+    height: int
+    scheduler: str
+    preview_interval: int
+
+    def batch_key(self) -> str | None:
+        """Calls with equal keys can share one pipeline call; None means this call runs alone.
+
+        Everything but the prompts, inputs and seeds must match: model, task, size, steps,
+        guidance, strength, scheduler, previews and every extra argument. Whether a negative
+        prompt is present matters too: SDXL treats an absent one (zeros) differently from "".
+        """
+        if UNBATCHABLE_ARGUMENTS & self.kwargs.keys():
+            return None
+        shared = {k: v for k, v in self.kwargs.items() if k not in PER_MEMBER_ARGUMENTS}
+        ok, values = jsonable(list(shared.values()))
+        if not ok:
+            return None
+        return json.dumps(
+            [
+                self.model.spec.name,
+                id(self.model),
+                self.target.task.value,
+                self.scheduler,
+                self.width,
+                self.height,
+                self.preview_interval,
+                "negative_prompt" in self.kwargs,
+                sorted(zip(shared, values, strict=True)),
+            ]
+        )
+
+    def resolved_parameters(self) -> dict[str, Any]:
+        """The call arguments JSON can express, for the `completed` event (seeds have typed fields)."""
+        resolved: dict[str, Any] = {}
+        for name, value in self.kwargs.items():
+            if name in ("image", "mask_image"):
+                continue
+            ok, converted = jsonable(value)
+            if ok:
+                resolved[name] = converted
+        resolved["width"], resolved["height"] = self.width, self.height
+        resolved["scheduler"] = self.scheduler
+        return resolved
+
+
+def _round_down(value: int, multiple: int) -> int:
+    return max(multiple, value // multiple * multiple)
+
+
+class _Problems:
+    """Every model-dependent problem with a request, reported together."""
+
+    def __init__(self, target: TaskPipeline) -> None:
+        self.errors: list[InvalidRequest] = []
+        self._target = target
+
+    def add(self, field: str, description: str, *, reason: str | None = None) -> None:
+        self.errors.append(InvalidRequest.field(field, description, reason=reason))
+
+    def not_taken(self, field: str) -> None:
+        self.add(field, f"{self._target.pipeline_class} takes none", reason=NOT_APPLICABLE)
+
+
+def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall:
+    """Checks a request against the model's pipeline for its task and builds the call arguments.
+
+    `request` has passed `convert.generation_request`, so only what depends on the model is checked.
+    """
+    target = model.task(request.task)
+    problems = _Problems(target)
+    named = target.named_arguments
+    multiple = target.size_multiple
+
+    # Sizes: explicit, else the input image's size (rounded down), else the model default.
+    if request.image is not None:
+        base_width, base_height = (_round_down(side, multiple) for side in request.image.size)
+    else:
+        base_width, base_height = target.default_size
+    width = request.width if request.width is not None else base_width
+    height = request.height if request.height is not None else base_height
+    for name, value in (("width", width), ("height", height)):
+        if value % multiple:
+            problems.add(name, f"must be a multiple of {multiple}, got {value}")
+
+    steps = request.num_inference_steps
+    if steps is None:
+        steps = int(target.default_of("num_inference_steps") or 50)
+    kwargs: dict[str, Any] = {"prompt": request.prompt, "num_inference_steps": steps}
+    if request.negative_prompt:
+        if "negative_prompt" not in named:
+            problems.not_taken("negative_prompt")
+        kwargs["negative_prompt"] = request.negative_prompt
+
+    if request.guidance_scale is not None:
+        if "guidance_scale" not in named:
+            problems.not_taken("guidance_scale")
+        kwargs["guidance_scale"] = request.guidance_scale
+    elif "guidance_scale" in named:
+        kwargs["guidance_scale"] = target.default_of("guidance_scale")
+
+    if "strength" in named:
+        strength = request.strength if request.strength is not None else target.default_of("strength")
+        if strength is not None:
+            # diffusers runs min(int(steps * strength), steps) steps, in double precision as here.
+            if int(steps * strength) < 1:
+                problems.add(
+                    "strength",
+                    f"leaves no step: int(num_inference_steps {steps} * strength {strength}) is 0",
+                )
+            kwargs["strength"] = strength
+    elif request.strength is not None:
+        problems.not_taken("strength")
+
+    if "height" in named and "width" in named:
+        kwargs["height"], kwargs["width"] = height, width
+    elif request.image is None and (width, height) != target.default_size:
+        problems.add("width", f"{target.pipeline_class} cannot set the output size")
+
+    if request.image is not None:
+        image = request.image
+        if image.size != (width, height):
+            image = image.resize((width, height), PIL.Image.Resampling.LANCZOS)
+        kwargs["image"] = image
+    if request.mask_image is not None:
+        mask = request.mask_image
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), PIL.Image.Resampling.NEAREST)
+        kwargs["mask_image"] = mask
+
+    scheduler = request.scheduler or target.default_scheduler
+    if scheduler not in target.schedulers:
+        problems.add(
+            "scheduler", f"{scheduler!r} is not compatible; choose one of {', '.join(target.schedulers)}"
+        )
+
+    for name, value in request.parameters.items():
+        field_name = f"parameters.{name}"
+        if name in FIELD_ARGUMENTS:
+            problems.add(field_name, f"use the request field {FIELD_ARGUMENTS[name]!r}")
+        elif name not in target.accepted:
+            reason = "is set by the server" if name in RESERVED_ARGUMENTS else "is not an argument of"
+            problems.add(
+                field_name,
+                f"{reason} {target.pipeline_class}; accepted: {', '.join(sorted(target.accepted))}",
+                reason="UNKNOWN_PARAMETER",
+            )
+        else:
+            info = target.accepted[name]
+            try:
+                kwargs[name] = coerce(value, info.annotation)
+            except TypeError as err:
+                problems.add(field_name, f"must match {info.describe()} ({err}), got {value!r}")
+
+    if request.preview_interval and not target.supports_previews:
+        problems.add(
+            "preview_interval", f"{target.pipeline_class} cannot make previews", reason=NOT_APPLICABLE
+        )
+
+    if problems.errors:
+        raise InvalidRequest.combined(problems.errors)
+
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    kwargs["num_images_per_prompt"] = request.num_images
+    return PreparedCall(
+        model=model,
+        target=target,
+        kwargs=kwargs,
+        seeds=tuple(seed + i for i in range(request.num_images)),
+        width=width,
+        height=height,
+        scheduler=scheduler,
+        preview_interval=request.preview_interval,
+    )
