@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -336,6 +337,40 @@ def test_on_demand_models_load_once_and_are_evicted_lru(
         )
     assert registry.entries[m1].loads == 2
     assert registry.entries[m2].state is ModelState.EVICTED
+
+
+def test_a_served_model_keeps_serving_while_another_loads(
+    cache_server: ServerThread, allowed_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading weights happens off the device thread: it must not stall requests to a ready model.
+
+    The slow model's load is held inside the real loader until the served model has answered
+    three requests; were the load on the device thread, those requests could never run.
+    """
+    gate = threading.Event()
+    real_load = registry_module.load_model
+
+    def held_load(spec: ModelSpec, **kwargs: Any) -> Any:
+        if spec.source.endswith("m3"):
+            gate.wait(120)
+        return real_load(spec, **kwargs)
+
+    monkeypatch.setattr(registry_module, "load_model", held_load)
+    slow = str(allowed_dir / "m3")
+    try:
+        with grpc.insecure_channel(cache_server.target) as channel:
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+            loading = stub.Generate(pb.GenerateRequest(source=slow, prompt="slow", **SHORT), timeout=120)
+            assert next(iter(loading)).HasField("queued")
+            for i in range(3):
+                request = pb.GenerateRequest(model="sd15", prompt=str(i), **SHORT)
+                assert list(stub.Generate(request, timeout=60))[-1].HasField("completed")
+            (info,) = stub.Inspect(pb.InspectRequest(source=slow)).models
+            assert info.state == pb.MODEL_STATE_LOADING
+            gate.set()
+            assert list(loading)[-1].HasField("completed")
+    finally:
+        gate.set()
 
 
 def test_only_allowed_sources_can_be_named(

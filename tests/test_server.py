@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers import AutoPipelineForImage2Image
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -400,3 +401,39 @@ def test_float16_sdxl_previews_work_and_the_shared_vae_keeps_its_dtype(checkpoin
         assert vae.dtype == torch.float16
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------------------------- step counts
+
+STRENGTHS = (0.3, 0.6, 0.7, 0.75, 0.8)
+STEP_COUNTS = (10, 20, 25, 30, 50)
+
+
+def test_image_to_image_runs_the_steps_diffusers_runs(
+    stub: pb_grpc.AutoPipelineServiceStub, checkpoints: dict[str, Path], input_png: bytes
+) -> None:
+    """`strength` is a double on the wire: 10 steps at 0.7 run 7, as in diffusers (a float ran 6)."""
+    pipe = AutoPipelineForImage2Image.from_pretrained(str(checkpoints["sd15"]), local_files_only=True)
+    expected: dict[tuple[float, int], int] = {}
+    float32_differs = False
+    for strength in STRENGTHS:
+        for steps in STEP_COUNTS:
+            pipe.scheduler.set_timesteps(steps)
+            _, expected[strength, steps] = pipe.get_timesteps(steps, strength, "cpu")
+            float32_differs |= int(steps * float(np.float32(strength))) != expected[strength, steps]
+    assert float32_differs, "no case tells a double from a float; the test would not catch a regression"
+
+    for (strength, steps), total in expected.items():
+        call = stub.Generate(
+            pb.GenerateRequest(
+                task=pb.TASK_IMAGE_TO_IMAGE,
+                prompt="x",
+                image=pb.Image(data=input_png),
+                strength=strength,
+                num_inference_steps=steps,
+            ),
+            timeout=60,
+        )
+        started = next(e.started for e in call if e.HasField("started"))
+        call.cancel()  # only the step count matters here
+        assert started.total_steps == total, (strength, steps)
