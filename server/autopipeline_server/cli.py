@@ -99,12 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str) -> None:
-    """Our log lines at `level`; the libraries' progress bars and advice only when debugging."""
+def configure_logging(level: str, *, quiet_libraries: bool = True) -> None:
+    """Our log lines at `level`; the libraries' progress bars and advice only when debugging.
+
+    `quiet_libraries=False` leaves diffusers and transformers alone, and unimported.
+    """
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    if level != "DEBUG":
+    if quiet_libraries and level != "DEBUG":
         import diffusers.utils.logging as diffusers_logging
         import transformers.utils.logging as transformers_logging
 
@@ -130,9 +133,9 @@ def check_health(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from autopipeline import tls_credentials
-
     if tls_ca or tls_cert or tls_key or tls_server_name:
+        from autopipeline import tls_credentials
+
         options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
         try:
             credentials = tls_credentials(ca_file=tls_ca, cert_file=tls_cert, key_file=tls_key)
@@ -157,7 +160,8 @@ def check_health(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    # Container probes run `health` every few seconds: it must not pay for importing torch and diffusers.
+    configure_logging(args.log_level, quiet_libraries=args.command != "health")
     if args.command == "tiny-model":
         from autopipeline_server.tiny import build_tiny_checkpoint
 
