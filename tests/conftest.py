@@ -60,6 +60,21 @@ def server(checkpoints: dict[str, Path]) -> Iterator[ServerThread]:
 
 
 @pytest.fixture(scope="session")
+def small_chunks(checkpoints: dict[str, Path]) -> Iterator[ServerThread]:
+    """A server that splits every image into 2 KiB chunks, so 64x64 images exercise reassembly."""
+    settings = Settings(
+        models=(ModelSpec("sd15", str(checkpoints["sd15"])),),
+        host="127.0.0.1",
+        port=0,
+        device="cpu",
+        limits=Limits(image_chunk_bytes=2048),
+    )
+    running = ServerThread(settings)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
 def channel(server: ServerThread) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(server.target) as ch:
         yield ch

@@ -6,13 +6,16 @@ import asyncio
 import contextlib
 import io
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
+import grpc
 import PIL.Image
 
 from autopipeline.v1 import autopipeline_pb2 as pb
+from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server.server import RunningServer, create_server
 from autopipeline_server.settings import Settings
 
@@ -70,6 +73,21 @@ def fault_in_denoiser(server: ServerThread, model: str, fault: Callable[[int], N
         yield
     finally:
         del denoiser.forward  # the instance attribute goes; the class's forward is back
+
+
+def server_info(server: ServerThread) -> pb.ServerInfo:
+    """What the server says about itself over the wire (queue, running, ServerStats)."""
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        return stub.Inspect(pb.InspectRequest(), timeout=30).server
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 120) -> None:
+    """Polls until `predicate` holds; the timeout is only a backstop against a hang."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
 
 
 def png_bytes(image: PIL.Image.Image) -> bytes:

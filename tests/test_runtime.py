@@ -27,7 +27,7 @@ from autopipeline_server.domain import ModelState
 from autopipeline_server.settings import ModelSpec, Settings
 from autopipeline_server.tiny import build_tiny_checkpoint
 
-from .support import ServerThread, png_bytes
+from .support import ServerThread, png_bytes, server_info, wait_for
 
 SHORT = {"task": pb.TASK_TEXT_TO_IMAGE, "num_inference_steps": 3, "width": 64, "height": 64}
 # Long enough (hundreds of steps at 256x256) that it is still running when the test acts on it.
@@ -69,17 +69,12 @@ async def collect(
         return err
 
 
-def wait_for(predicate: object, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.01)
-
-
 # ------------------------------------------------------------------------------------------ admission
 
 
 def test_64_concurrent_streams_against_a_queue_of_16(small_queue: ServerThread) -> None:
+    before = server_info(small_queue).stats
+
     async def main() -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
         async with grpc.aio.insecure_channel(small_queue.target) as channel:
             stub = pb_grpc.AutoPipelineServiceStub(channel)
@@ -104,23 +99,21 @@ def test_64_concurrent_streams_against_a_queue_of_16(small_queue: ServerThread) 
         retry = error_details_pb2.RetryInfo()
         assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
         assert retry.retry_delay.ToMilliseconds() > 0
-    stats = small_queue.running.worker.stats
-    assert stats.rejected_queue_full >= len(rejected)
     with grpc.insecure_channel(small_queue.target) as channel:
         stub = pb_grpc.AutoPipelineServiceStub(channel)
         assert list(stub.Generate(pb.GenerateRequest(prompt="after", **SHORT)))[-1].HasField("completed")
-        server_info = stub.Inspect(pb.InspectRequest()).server
-        assert server_info.queue_depth == 0
-        assert server_info.stats.rejected_queue_full == stats.rejected_queue_full >= len(rejected)
-        assert server_info.stats.completed >= len(completed) + 1
+    after = server_info(small_queue)
+    assert after.queue_depth == 0
+    assert after.stats.rejected_queue_full - before.rejected_queue_full == len(rejected)
+    assert after.stats.completed - before.completed == len(completed) + 1
+    assert after.stats.submitted - before.submitted == len(completed) + 1
 
 
 # ------------------------------------------------------------------------------ cancellation, deadlines
 
 
 def test_cancelled_running_request_frees_the_worker(small_queue: ServerThread) -> None:
-    stats = small_queue.running.worker.stats
-    cancelled_before = stats.cancelled_running
+    cancelled_before = server_info(small_queue).stats.cancelled_running
     with grpc.insecure_channel(small_queue.target) as channel:
         stub = pb_grpc.AutoPipelineServiceStub(channel)
         long_call = stub.Generate(pb.GenerateRequest(prompt="long", seed=1, **LONG))
@@ -136,25 +129,24 @@ def test_cancelled_running_request_frees_the_worker(small_queue: ServerThread) -
         events = list(stub.Generate(pb.GenerateRequest(prompt="next", **SHORT), timeout=60))
         assert events[-1].HasField("completed")
         assert time.perf_counter() < would_finish_at, "the next request waited for the cancelled one"
-    wait_for(lambda: stats.cancelled_running == cancelled_before + 1)
-    assert small_queue.running.worker.running == 0
+    wait_for(lambda: server_info(small_queue).stats.cancelled_running == cancelled_before + 1)
+    assert server_info(small_queue).running == 0
 
 
 def test_queued_request_whose_deadline_passes_never_runs(small_queue: ServerThread) -> None:
-    stats = small_queue.running.worker.stats
     with grpc.insecure_channel(small_queue.target) as channel:
         stub = pb_grpc.AutoPipelineServiceStub(channel)
         blocker = stub.Generate(pb.GenerateRequest(prompt="blocker", seed=2, **LONG))
         next(e for e in blocker if e.HasField("progress"))
-        calls_before, cancelled_before = stats.pipeline_calls, stats.cancelled_queued
+        before = server_info(small_queue).stats
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.Generate(pb.GenerateRequest(prompt="late", **SHORT), timeout=0.5))
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        wait_for(lambda: stats.cancelled_queued == cancelled_before + 1)
-        assert small_queue.running.worker.queue_depth == 0
+        wait_for(lambda: server_info(small_queue).stats.cancelled_queued == before.cancelled_queued + 1)
+        assert server_info(small_queue).queue_depth == 0
         blocker.cancel()
-    wait_for(lambda: small_queue.running.worker.running == 0)
-    assert stats.pipeline_calls == calls_before, "the expired request reached the device"
+    wait_for(lambda: server_info(small_queue).running == 0)
+    assert server_info(small_queue).stats.pipeline_calls == before.pipeline_calls, "the expired one ran"
 
 
 # ------------------------------------------------------------------------------------------- batching
@@ -186,9 +178,9 @@ def test_batched_requests_match_solo_requests(
                 *(collect(stub, pb.GenerateRequest(model=model, **SHORT, **v)) for v in variants)  # type: ignore[arg-type]
             )
 
-    calls_before = batching.running.worker.stats.batched_calls
+    calls_before = server_info(batching).stats.batched_calls
     results = asyncio.run(batched())
-    assert batching.running.worker.stats.batched_calls > calls_before
+    assert server_info(batching).stats.batched_calls > calls_before
     with grpc.insecure_channel(server.target) as channel:
         solo_stub = pb_grpc.AutoPipelineServiceStub(channel)
         for variant, events in zip(variants, results, strict=True):
@@ -468,8 +460,8 @@ def test_drain_cancels_what_outlives_the_grace_period(checkpoints: dict[str, Pat
             async with grpc.aio.insecure_channel(server.target) as channel:
                 stub = pb_grpc.AutoPipelineServiceStub(channel)
                 call = asyncio.ensure_future(collect(stub, pb.GenerateRequest(prompt="too long", **LONG)))
-                while server.running.worker.running == 0:
-                    await asyncio.sleep(0.01)
+                while (await stub.Inspect(pb.InspectRequest())).server.running == 0:
+                    pass
                 await asyncio.wrap_future(
                     asyncio.run_coroutine_threadsafe(server.running.stop(0.5), server.loop)
                 )
@@ -534,6 +526,6 @@ def test_cancelling_leaks_no_threads_or_queue_slots(small_queue: ServerThread) -
             queued.cancel()
             call.cancel()
         assert list(stub.Generate(pb.GenerateRequest(prompt="after", **SHORT)))[-1].HasField("completed")
-        wait_for(lambda: small_queue.running.worker.running == 0)
-        assert small_queue.running.worker.queue_depth == 0
+        wait_for(lambda: server_info(small_queue).running == 0)
+        assert server_info(small_queue).queue_depth == 0
         assert threading.active_count() <= threads

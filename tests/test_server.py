@@ -290,20 +290,21 @@ def test_scheduler_can_be_chosen(stub: pb_grpc.AutoPipelineServiceStub, generate
     assert images(events)[0] != images(default)[0]
 
 
-def test_large_image_is_chunked_under_the_default_message_limit(generate: Generate) -> None:
-    # A 1536x1536 PNG of the tiny model's noisy output is ~4.8 MB: more than one 4 MiB message.
-    events = generate(
-        task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=1, seed=5, width=1536, height=1536
-    )
+def test_large_image_is_chunked_under_the_message_limit(small_chunks: ServerThread) -> None:
+    # The server's image_chunk_bytes is 2 KiB: a 64x64 PNG of noise (~12 KB) needs several chunks.
+    with grpc.insecure_channel(small_chunks.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        request = pb.GenerateRequest(task=pb.TASK_TEXT_TO_IMAGE, prompt="p", num_inference_steps=1, seed=5)
+        events = list(stub.Generate(request, timeout=60))
     chunks = [e.image for e in events if e.HasField("image")]
     assert len(chunks) >= 2
     assert [c.chunk_index for c in chunks] == list(range(len(chunks)))
     assert {c.chunk_count for c in chunks} == {len(chunks)}
-    assert all(e.ByteSize() < 4 * 1024 * 1024 for e in events)
+    assert all(len(c.image.data) <= 2048 for c in chunks)
     data = images(events)[0]
-    assert len(data) > 4 * 1024 * 1024
+    assert len(data) > 2048
     with PIL.Image.open(io.BytesIO(data)) as decoded:
-        assert decoded.size == (1536, 1536)
+        assert decoded.size == (64, 64)
 
 
 def test_task_pipelines_share_modules(server: ServerThread) -> None:
