@@ -24,6 +24,7 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server import registry as registry_module
 from autopipeline_server.domain import ModelState
+from autopipeline_server.registry import MAX_REMEMBERED_SOURCES
 from autopipeline_server.settings import ModelSpec, Settings
 from autopipeline_server.tiny import build_tiny_checkpoint
 
@@ -268,6 +269,56 @@ def test_incompatible_requests_are_not_batched(batching: ServerThread) -> None:
         assert next(e.started for e in events if e.HasField("started")).batch_requests == 1
 
 
+def _concurrently(server: ServerThread, *requests: pb.GenerateRequest) -> list[list[pb.GenerateResponse]]:
+    async def main() -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+            return await asyncio.gather(*(collect(stub, r) for r in requests))
+
+    outcomes = asyncio.run(main())
+    for events in outcomes:
+        assert isinstance(events, list), events
+    return outcomes  # type: ignore[return-value]
+
+
+def _started(events: list[pb.GenerateResponse]) -> pb.Started:
+    return next(e.started for e in events if e.HasField("started"))
+
+
+def test_a_negative_prompt_splits_batches_only_by_presence(batching: ServerThread) -> None:
+    """SDXL treats an absent negative prompt (zeros) unlike any given one, so presence is in the key."""
+    mixed = _concurrently(
+        batching,
+        pb.GenerateRequest(model="sdxl", prompt="a", **SHORT),
+        pb.GenerateRequest(model="sdxl", prompt="b", negative_prompt="blurry", **SHORT),
+    )
+    assert [_started(events).batch_requests for events in mixed] == [1, 1]
+    both = _concurrently(
+        batching,
+        pb.GenerateRequest(model="sdxl", prompt="a", negative_prompt="dark", **SHORT),
+        pb.GenerateRequest(model="sdxl", prompt="b", negative_prompt="blurry", **SHORT),
+    )
+    assert [(_started(e).batch_requests, _started(e).batch_images) for e in both] == [(2, 2), (2, 2)]
+
+
+def test_batched_previews_reach_each_member(batching: ServerThread) -> None:
+    steps = 2
+    request = {**SHORT, "num_inference_steps": steps, "preview_interval": 1}
+    results = _concurrently(
+        batching,
+        pb.GenerateRequest(prompt="one", num_images=1, **request),
+        pb.GenerateRequest(prompt="two", num_images=2, **request),
+    )
+    for events, images in zip(results, (1, 2), strict=True):
+        assert (_started(events).batch_requests, _started(events).batch_images) == (2, 3)
+        previews = [(e.preview.step, e.preview.index) for e in events if e.HasField("preview")]
+        assert sorted(previews) == [(step, i) for step in range(1, steps + 1) for i in range(images)]
+        for event in events:
+            if event.HasField("preview"):
+                with PIL.Image.open(io.BytesIO(event.preview.image.data)) as preview:
+                    assert preview.size == (64, 64)
+
+
 # --------------------------------------------------------------------------------------- model cache
 
 
@@ -363,6 +414,22 @@ def test_a_served_model_keeps_serving_while_another_loads(
             assert list(loading)[-1].HasField("completed")
     finally:
         gate.set()
+
+
+def test_the_registry_remembers_a_bounded_number_of_sources(
+    cache_server: ServerThread, allowed_dir: Path
+) -> None:
+    """Callers naming ever new (failing) sources cannot grow the registry without bound."""
+    with grpc.insecure_channel(cache_server.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        for i in range(MAX_REMEMBERED_SOURCES + 8):
+            request = pb.GenerateRequest(source=str(allowed_dir / f"missing-{i}"), prompt="x", **SHORT)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Generate(request, timeout=60))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        on_demand = [m for m in stub.Inspect(pb.InspectRequest()).models if m.on_demand]
+        assert len(on_demand) == MAX_REMEMBERED_SOURCES
+        assert str(allowed_dir / f"missing-{MAX_REMEMBERED_SOURCES + 7}") in {m.name for m in on_demand}
 
 
 def test_only_allowed_sources_can_be_named(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from autopipeline import (
+    AsyncClient,
     Client,
     InvalidArgumentError,
     ResourceExhaustedError,
@@ -23,7 +24,7 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server.settings import ModelSpec, Settings
 
-from .support import ServerThread, fault_in_denoiser
+from .support import ServerThread, fault_in_denoiser, server_info, wait_for
 
 NO_JITTER = {"jitter": 0.0}
 LONG = pb.GenerateRequest(
@@ -155,3 +156,64 @@ def test_nothing_is_retried_after_the_first_event(retry_server: ServerThread) ->
             client.generate("x", num_inference_steps=3)
         assert caught.value.reason == "OUT_OF_MEMORY" and caught.value.retry_after
     assert calls == [1], "the request ran again after events had been sent"
+
+
+def test_async_client_retries_unavailable_up_to_the_limit(checkpoints: dict[str, Path]) -> None:
+    """AsyncClient's own retry loop: every attempt meets a draining server, each is counted there."""
+    settings = Settings(
+        models=(ModelSpec("sd15", str(checkpoints["sd15"])),), host="127.0.0.1", port=0, device="cpu"
+    )
+    server = ServerThread(settings)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            blocker = pb_grpc.AutoPipelineServiceStub(channel).Generate(LONG)
+            next(e for e in blocker if e.HasField("progress"))
+            draining = asyncio.run_coroutine_threadsafe(server.running.stop(grace=60), server.loop)
+            wait_for(lambda: not server.running.worker.accepting)
+            before = server_info(server).stats.rejected_draining
+            policy = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
+
+            async def attempt() -> None:
+                async with AsyncClient(server.target, timeout=30, retry=policy) as client:
+                    await client.generate("x", num_inference_steps=2)
+
+            with pytest.raises(UnavailableError):
+                asyncio.run(attempt())
+            assert server_info(server).stats.rejected_draining == before + 3
+            blocker.cancel()
+            draining.result(60)
+    finally:
+        server.close_loop()
+
+
+def test_async_client_waits_out_a_full_queue(retry_server: ServerThread) -> None:
+    """AsyncClient honours RetryInfo like Client: it retries a full queue after the server's delay."""
+    server = retry_server
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        long = pb.GenerateRequest(
+            task=pb.TASK_TEXT_TO_IMAGE, prompt="x", num_inference_steps=500, width=256, height=256
+        )
+        blocker = stub.Generate(long)
+        next(e for e in blocker if e.HasField("progress"))
+        filler = stub.Generate(long)
+        next(e for e in filler if e.HasField("queued"))
+        before = server_info(server).stats.rejected_queue_full
+        patient = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=5)
+
+        async def full() -> ResourceExhaustedError:
+            async with AsyncClient(server.target, retry=patient) as client:
+                try:
+                    await client.generate("x", num_inference_steps=2)
+                except ResourceExhaustedError as err:
+                    return err
+            raise AssertionError("a full queue was not reported")
+
+        try:
+            started = time.monotonic()
+            error = asyncio.run(full())
+            assert time.monotonic() - started >= error.retry_after, "retried before the server's delay"
+            assert server_info(server).stats.rejected_queue_full == before + 2
+        finally:
+            blocker.cancel()
+            filler.cancel()
