@@ -23,7 +23,6 @@ from grpc_status import rpc_status
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server import registry as registry_module
-from autopipeline_server.domain import ModelState
 from autopipeline_server.registry import MAX_REMEMBERED_SOURCES
 from autopipeline_server.settings import ModelSpec, Settings
 from autopipeline_server.tiny import build_tiny_checkpoint
@@ -269,6 +268,11 @@ def test_incompatible_requests_are_not_batched(batching: ServerThread) -> None:
         assert next(e.started for e in events if e.HasField("started")).batch_requests == 1
 
 
+def inspect_models(server: ServerThread) -> list[pb.ModelInfo]:
+    with grpc.insecure_channel(server.target) as channel:
+        return list(pb_grpc.AutoPipelineServiceStub(channel).Inspect(pb.InspectRequest()).models)
+
+
 def _concurrently(server: ServerThread, *requests: pb.GenerateRequest) -> list[list[pb.GenerateResponse]]:
     async def main() -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
         async with grpc.aio.insecure_channel(server.target) as channel:
@@ -349,7 +353,6 @@ def test_on_demand_models_load_once_and_are_evicted_lru(
     cache_server: ServerThread, allowed_dir: Path
 ) -> None:
     m1, m2 = str(allowed_dir / "m1"), str(allowed_dir / "m2")
-    registry = cache_server.running.registry
 
     async def concurrently(model: str, n: int) -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
         async with grpc.aio.insecure_channel(cache_server.target) as channel:
@@ -362,7 +365,8 @@ def test_on_demand_models_load_once_and_are_evicted_lru(
     for events in first:
         assert isinstance(events, list), events
         assert events[0].HasField("queued") and events[-1].HasField("completed")
-    assert registry.entries[m1].loads == 1, "concurrent first requests loaded the model more than once"
+    loads = {m.name: m.loads for m in inspect_models(cache_server)}
+    assert loads[m1] == 1, "concurrent first requests loaded the model more than once"
 
     with grpc.insecure_channel(cache_server.target) as channel:
         stub = pb_grpc.AutoPipelineServiceStub(channel)
@@ -378,8 +382,9 @@ def test_on_demand_models_load_once_and_are_evicted_lru(
         assert list(stub.Generate(pb.GenerateRequest(source=m1, prompt="again", **SHORT)))[-1].HasField(
             "completed"
         )
-    assert registry.entries[m1].loads == 2
-    assert registry.entries[m2].state is ModelState.EVICTED
+    models = {m.name: m for m in inspect_models(cache_server)}
+    assert models[m1].loads == 2 and models[m1].load_duration.ToNanoseconds() > 0
+    assert models[m2].state == pb.MODEL_STATE_EVICTED
 
 
 def test_a_served_model_keeps_serving_while_another_loads(

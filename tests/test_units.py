@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -227,3 +228,17 @@ def test_bugs_become_internal_without_their_message(caplog: pytest.LogCaptureFix
     info = error_details_pb2.ErrorInfo()
     assert any(d.Unpack(info) for d in _details(status) if d.Is(info.DESCRIPTOR))
     assert info.reason == ServingError.reason == "INTERNAL_ERROR" and info.domain == "autopipeline.v1"
+
+
+def test_every_error_reason_is_documented_in_the_readme_and_the_proto() -> None:
+    """Callers branch on ErrorInfo.reason: each one the server can send is in both error tables."""
+    source = "\n".join(p.read_text() for p in (ROOT / "server" / "autopipeline_server").glob("*.py"))
+    reasons = set(re.findall(r'reason\s*=\s*"([A-Z_]+)"', source)) | set(
+        re.findall(r'NOT_APPLICABLE = "([A-Z_]+)"', source)
+    )
+    reasons.discard("CANCELLED")  # a cancelled call gets gRPC's own CANCELLED, with no details
+    assert {"MODEL_LOAD_FAILED", "FIELD_NOT_APPLICABLE", "UNKNOWN_PARAMETER", "INVALID_IMAGE"} <= reasons
+    readme = (ROOT / "README.md").read_text()
+    proto = (ROOT / "proto" / "autopipeline" / "v1" / "autopipeline.proto").read_text()
+    assert {r for r in reasons if f"`{r}`" not in readme} == set(), "missing from the README's table"
+    assert {r for r in reasons if f"| {r} " not in proto} == set(), "missing from the proto's table"

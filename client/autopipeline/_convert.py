@@ -351,6 +351,7 @@ def _model_info(message: pb.ModelInfo) -> _types.ModelInfo:
         _types.ModelInfo,
         message,
         state=state or _types.ModelState.UNKNOWN,
+        load_duration=_seconds(message.load_duration),
         # A task from a newer contract cannot be requested through this SDK, so it is left out.
         tasks=[task for task in tasks if task is not None],
     )

@@ -452,6 +452,10 @@ class ModelInfo:
     """The tasks the model can perform (those this SDK knows), in `Task` order."""
     on_demand: bool
     """Whether it was loaded on demand from a request's ``source`` (it may then be evicted)."""
+    loads: int
+    """How many times the weights were loaded since the server started."""
+    load_duration: float
+    """Seconds the last load took, warm-up included."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -344,6 +344,8 @@ def model_info(entry: ModelEntry, *, default_model: str, device: str, dtype: str
         state_reason=entry.reason,
         is_default=entry.spec.name == default_model,
         on_demand=not entry.pinned,
+        loads=entry.loads,
+        load_duration=duration(entry.load_seconds),
         device=device,
         dtype=dtype,
     )

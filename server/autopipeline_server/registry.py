@@ -49,6 +49,7 @@ class ModelEntry:
     last_used: float = field(default_factory=time.monotonic)
     in_use: int = 0
     loads: int = 0
+    load_seconds: float = 0.0
     last_size: int = 0
     loading: asyncio.Task[None] | None = None
 
@@ -253,6 +254,7 @@ class ModelRegistry:
         if not entry.pinned:
             await self._make_room(entry.last_size or _size_on_disk(entry.spec.source), keep=entry)
         entry.loads += 1
+        started = time.perf_counter()
         spec, device = entry.spec, self.device
 
         def place(model: LoadedModel) -> None:
@@ -276,6 +278,7 @@ class ModelRegistry:
             return
         entry.model = model
         entry.last_used = time.monotonic()
+        entry.load_seconds = time.perf_counter() - started
         self._set(entry, ModelState.READY, "")
         if not entry.pinned:
             await self._make_room(0, keep=entry)

@@ -24,7 +24,7 @@ Rules of the wire, for clients in any language:
   | INVALID_ARGUMENT    | FIELD_NOT_APPLICABLE   | a field the task does not use was set         |
   | INVALID_ARGUMENT    | UNKNOWN_PARAMETER      | `parameters` names no accepted argument       |
   | INVALID_ARGUMENT    | INVALID_IMAGE          | `image`/`mask_image` cannot be decoded        |
-  | NOT_FOUND           | MODEL_NOT_FOUND        | `model` names no served model                 |
+  | NOT_FOUND           | MODEL_NOT_FOUND        | no such `model`, or `source` is not allowed   |
   | FAILED_PRECONDITION | TASK_NOT_SUPPORTED     | the model cannot perform `task`               |
   | FAILED_PRECONDITION | MODEL_FAILED           | the model failed to load (reason in message)  |
   | RESOURCE_EXHAUSTED  | QUEUE_FULL             | the queue is full; retry after RetryInfo      |
@@ -1024,6 +1024,8 @@ class ModelInfo(_message.Message):
     CHECKPOINT_CLASS_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
     ON_DEMAND_FIELD_NUMBER: _builtins.int
+    LOADS_FIELD_NUMBER: _builtins.int
+    LOAD_DURATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use."""
     source: _builtins.str
@@ -1049,9 +1051,19 @@ class ModelInfo(_message.Message):
     (then `name` and `source` are that source, and it may be evicted) rather
     than configured by the operator.
     """
+    loads: _builtins.int
+    """How many times the weights were loaded since the server started (more
+    than 1 after an on-demand model was evicted and needed again).
+    """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskInfo]:
         """The tasks the model can perform, in Task order."""
+
+    @_builtins.property
+    def load_duration(self) -> _duration_pb2.Duration:
+        """How long the last load took, from reading the weights to the end of
+        warm-up.
+        """
 
     def __init__(
         self,
@@ -1068,10 +1080,12 @@ class ModelInfo(_message.Message):
         checkpoint_class: _builtins.str = ...,
         tasks: _abc.Iterable[Global___TaskInfo] | None = ...,
         on_demand: _builtins.bool = ...,
+        loads: _builtins.int = ...,
+        load_duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["load_duration", b"load_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_class", b"checkpoint_class", "device", b"device", "dtype", b"dtype", "family", b"family", "is_default", b"is_default", "name", b"name", "on_demand", b"on_demand", "parameter_bytes", b"parameter_bytes", "source", b"source", "state", b"state", "state_reason", b"state_reason", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_class", b"checkpoint_class", "device", b"device", "dtype", b"dtype", "family", b"family", "is_default", b"is_default", "load_duration", b"load_duration", "loads", b"loads", "name", b"name", "on_demand", b"on_demand", "parameter_bytes", b"parameter_bytes", "source", b"source", "state", b"state", "state_reason", b"state_reason", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
