@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from autopipeline_server.acceleration import AccelerationPlan, accelerate
 from autopipeline_server.calls import warm_up
 from autopipeline_server.domain import ModelState
 from autopipeline_server.errors import (
@@ -110,6 +111,7 @@ class ModelRegistry:
             spec.name: ModelEntry(spec, pinned=True) for spec in settings.models
         }
         self._on_state_change = on_state_change
+        self.acceleration = AccelerationPlan.from_settings(settings, device)
 
     @property
     def default_model(self) -> str:
@@ -252,6 +254,8 @@ class ModelRegistry:
             )
             if warm:
                 await self._worker.run_on_device(warm_up, model)
+            # Acceleration hook: compiles (and captures) the declared shapes before READY.
+            await self._worker.run_on_device(accelerate, model, self.acceleration)
         except ServingError as err:
             log.error("model %s cannot serve: %s", entry.spec.name, err.message)
             self._set(entry, ModelState.FAILED, err.message)
