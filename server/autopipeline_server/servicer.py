@@ -22,7 +22,7 @@ from autopipeline_server.errors import InvalidRequest, ServingError
 from autopipeline_server.registry import ModelRegistry
 from autopipeline_server.settings import Settings
 from autopipeline_server.status import REQUEST_ID_KEY, abort
-from autopipeline_server.worker import InferenceWorker
+from autopipeline_server.worker import Arrival, InferenceWorker
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,22 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         request_id = uuid.uuid4().hex
         arrived = time.perf_counter()
+        # Batching hook: a forming batch waits for this request until it is submitted (or fails).
+        arrival = self._worker.arriving()
+        try:
+            async for message in self._generate(request, context, request_id, arrived, arrival):
+                yield message
+        finally:
+            arrival.close()
+
+    async def _generate(
+        self,
+        request: pb.GenerateRequest | None,
+        context: Context,
+        request_id: str,
+        arrived: float,
+        arrival: Arrival,
+    ) -> AsyncIterator[pb.GenerateResponse]:
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         try:
             if request is None:
@@ -101,7 +117,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
             depth = self._worker.queue_depth
             yield convert.queued_event(Queued(position=depth, depth=depth + 1))
         with self._registry.use(entry.spec.name):
-            async for message in self._run(request, domain_request, context, request_id, arrived):
+            async for message in self._run(request, domain_request, context, request_id, arrived, arrival):
                 yield message
 
     async def _run(
@@ -111,6 +127,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         context: Context,
         request_id: str,
         arrived: float,
+        arrival: Arrival,
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             model = await self._registry.acquire(domain_request.model)
@@ -118,6 +135,8 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
             job = self._worker.submit(call)
         except Exception as err:
             await abort(context, err, request_id)
+        finally:
+            arrival.close()
         fmt, quality = convert.output_format(request)
         chunk_bytes = self._settings.limits.image_chunk_bytes
         try:
@@ -129,12 +148,12 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                 elif isinstance(event, Progress):
                     yield convert.progress_event(event)
                 elif isinstance(event, Preview):
-                    encoded = await asyncio.to_thread(encode_image, event.image, fmt, quality)
+                    encoded = await asyncio.to_thread(encode_image, event.image, fmt, quality, self._settings.png_compress_level)
                     yield convert.preview_event(event, encoded)
                 elif isinstance(event, Finished):
                     encoding_started = time.perf_counter()
                     for index, (image, seed) in enumerate(zip(event.images, event.seeds, strict=True)):
-                        encoded = await asyncio.to_thread(encode_image, image, fmt, quality)
+                        encoded = await asyncio.to_thread(encode_image, image, fmt, quality, self._settings.png_compress_level)
                         for message in convert.image_events(index, seed, image.size, encoded, chunk_bytes):
                             yield message
                     now = time.perf_counter()
