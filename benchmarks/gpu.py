@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
 from _serve import build_checkpoint, server_process
+
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 
@@ -44,8 +44,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def build_full_checkpoint(family: str, out: Path) -> Path:
-    """The real SD 1.5 / SDXL architectures with random weights (run in a child: this process has no torch)."""
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import gpu; gpu._build_full({family!r}, {str(out)!r})"
+    """The real SD 1.5 / SDXL architectures, random weights (built in a child: this process has no torch)."""
+    here = str(Path(__file__).parent)
+    code = f"import sys; sys.path.insert(0, {here!r}); import gpu; gpu._build_full({family!r}, {str(out)!r})"
     subprocess.run([sys.executable, "-c", code], check=True)
     return out
 
@@ -108,10 +109,13 @@ def _build_full(family: str, out: str) -> None:
             projection_class_embeddings_input_dim=2816,
         )
         pipe = StableDiffusionXLPipeline(
-            unet=unet, vae=vae, text_encoder=text(768, 12, 12, False), text_encoder_2=text(1280, 32, 20, True),
+            unet=unet, vae=vae,
+            text_encoder=text(768, 12, 12, False), text_encoder_2=text(1280, 32, 20, True),
             tokenizer=tiny._tokenizer(), tokenizer_2=tiny._tokenizer(pad_token="!"),
-            scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                             steps_offset=1, timestep_spacing="leading"),
+            scheduler=EulerDiscreteScheduler(
+                beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                steps_offset=1, timestep_spacing="leading",
+            ),
             image_encoder=None, feature_extractor=None,
         )  # fmt: skip
     with torch.no_grad():  # default initialisation overflows float16 across dozens of blocks
@@ -126,17 +130,22 @@ def _build_full(family: str, out: str) -> None:
 # --------------------------------------------------------------------------------------- measuring
 
 
-def direct(checkpoint: Path, device: str, size: int, steps: int, requests: int, batch: int) -> dict[str, float]:
+def direct(
+    checkpoint: Path, device: str, size: int, steps: int, requests: int, batch: int
+) -> dict[str, float]:
     """Direct diffusers in a child process: p50/p95 of one image, and images/s at `batch` per call."""
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import gpu, json; "
-        f"print(json.dumps(gpu._direct({str(checkpoint)!r}, {device!r}, {size}, {steps}, {requests}, {batch})))"
+        f"print(json.dumps(gpu._direct({str(checkpoint)!r}, {device!r}, "
+        f"{size}, {steps}, {requests}, {batch})))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def _direct(checkpoint: str, device: str, size: int, steps: int, requests: int, batch: int) -> dict[str, float]:
+def _direct(
+    checkpoint: str, device: str, size: int, steps: int, requests: int, batch: int
+) -> dict[str, float]:
     import torch
     from diffusers import AutoPipelineForText2Image
 
@@ -163,10 +172,17 @@ def _direct(checkpoint: str, device: str, size: int, steps: int, requests: int, 
     }
 
 
-def _one(stub: pb_grpc.AutoPipelineServiceStub, size: int, steps: int, seed: int) -> tuple[float, float, float]:
+def _one(
+    stub: pb_grpc.AutoPipelineServiceStub, size: int, steps: int, seed: int
+) -> tuple[float, float, float]:
     """(total, time to first event, time to first progress step) of one request."""
     request = pb.GenerateRequest(
-        task=pb.TASK_TEXT_TO_IMAGE, prompt="a lighthouse", num_inference_steps=steps, width=size, height=size, seed=seed
+        task=pb.TASK_TEXT_TO_IMAGE,
+        prompt="a lighthouse",
+        num_inference_steps=steps,
+        width=size,
+        height=size,
+        seed=seed,
     )
     started = time.perf_counter()
     first = first_step = 0.0
@@ -178,9 +194,7 @@ def _one(stub: pb_grpc.AutoPipelineServiceStub, size: int, steps: int, seed: int
     return time.perf_counter() - started, first, first_step
 
 
-def served(
-    checkpoint: Path, args: argparse.Namespace, size: int, steps: int, *flags: str
-) -> dict[str, Any]:
+def served(checkpoint: Path, args: argparse.Namespace, size: int, steps: int, *flags: str) -> dict[str, Any]:
     """Starts a server with `flags`; latency of one client, then images/s with several clients."""
     began = time.perf_counter()
     with server_process("--model", f"m={checkpoint}", "--device", args.device, *flags) as target:
@@ -189,7 +203,9 @@ def served(
             stub = pb_grpc.AutoPipelineServiceStub(channel)
             _one(stub, size, steps, 0)
             runs = [_one(stub, size, steps, i) for i in range(args.requests)]
-            throughput = {clients: _throughput(stub, size, steps, clients, args.requests) for clients in args.clients}
+            throughput = {
+                clients: _throughput(stub, size, steps, clients, args.requests) for clients in args.clients
+            }
             model = stub.Inspect(pb.InspectRequest()).models[0]
     return {
         "p50": statistics.median(r[0] for r in runs),
@@ -205,7 +221,9 @@ def served(
     }
 
 
-def _throughput(stub: pb_grpc.AutoPipelineServiceStub, size: int, steps: int, clients: int, requests: int) -> float:
+def _throughput(
+    stub: pb_grpc.AutoPipelineServiceStub, size: int, steps: int, clients: int, requests: int
+) -> float:
     per_client = max(1, requests // clients) if clients > 1 else requests
     done = [0]
     lock = threading.Lock()
@@ -226,7 +244,9 @@ def _throughput(stub: pb_grpc.AutoPipelineServiceStub, size: int, steps: int, cl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoints, 64x64, 4 steps (a smoke test)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--families", default="sd15,sdxl")
@@ -256,7 +276,18 @@ def main() -> None:
                 "--compile-cache-dir", cache, *batching,
             )  # fmt: skip
             label = f"{family} {size}x{size} {steps} steps"
-            rows.append((label, "direct eager", *_ms(base["p50"], base["p95"]), "", "", f"{base['ceiling']:.2f} (batch {args.batch})", "", f"{base['memory']:.1f}"))
+            rows.append(
+                (
+                    label,
+                    "direct eager",
+                    *_ms(base["p50"], base["p95"]),
+                    "",
+                    "",
+                    f"{base['ceiling']:.2f} (batch {args.batch})",
+                    "",
+                    f"{base['memory']:.1f}",
+                )
+            )
             for name, result in (
                 ("served eager", eager),
                 ("served eager, batching", eager_b),
@@ -267,9 +298,20 @@ def main() -> None:
                     label, f"{name} [{result['mode']}]", *_ms(result["p50"], result["p95"]),
                     f"{result['ttfe'] * 1000:.1f}", f"{result['first_step'] * 1000:.1f}",
                     " / ".join(f"{c}:{v:.2f}" for c, v in result["throughput"].items()),
-                    f"{result['cold']:.1f} (compile {result['compile']:.1f}, hits {result['cache_hits']})", "",
+                    f"{result['cold']:.1f} (compile {result['compile']:.1f}, hits {result['cache_hits']})",
+                    "",
                 ))  # fmt: skip
-    header = ("model", "path", "p50 ms", "p95 ms", "TTFE ms", "1st step ms", "images/s by clients", "start s", "GiB")
+    header = (
+        "model",
+        "path",
+        "p50 ms",
+        "p95 ms",
+        "TTFE ms",
+        "1st step ms",
+        "images/s by clients",
+        "start s",
+        "GiB",
+    )
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     print(f"device {args.device}; served batching: max {args.batch}, delay 20 ms")
     for row in [header, *rows]:

@@ -1,4 +1,4 @@
-"""The device never waits for encoding, PNG's zlib level is a setting, and a lone request never waits for company."""
+"""The device never waits for encoding, PNG's zlib level is a setting, a lone request waits for no one."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_the_next_call_starts_while_images_are_still_encoding(
         assert encoding.wait(DEADLOCK)
         # The first request's image is being encoded; the device must take the next call meanwhile.
         second = stub.Generate(pb.GenerateRequest(prompt="b", **SHORT))
-        started = next(event for event in second if event.HasField("started"))
+        started = next(event.started for event in second if event.HasField("started"))
         release.set()
         rest = list(second)
         worker.join(DEADLOCK)
@@ -89,7 +89,9 @@ def test_the_next_call_starts_while_images_are_still_encoding(
 
 def test_a_lone_request_does_not_wait_for_company(lone: ServerThread) -> None:
     with grpc.insecure_channel(lone.target) as channel:
-        events = list(pb_grpc.AutoPipelineServiceStub(channel).Generate(pb.GenerateRequest(prompt="x", **SHORT)))
+        events = list(
+            pb_grpc.AutoPipelineServiceStub(channel).Generate(pb.GenerateRequest(prompt="x", **SHORT))
+        )
     completed = events[-1].completed
     # Waiting for company would have cost the whole 10 s delay; nobody else was on the way.
     assert completed.timings.queued.ToTimedelta().total_seconds() < lone.settings.max_batch_delay_ms / 1000

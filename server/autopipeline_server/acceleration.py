@@ -1,4 +1,4 @@
-"""Acceleration: a compiled, graph-captured denoiser for declared hot shapes; every other shape runs eagerly."""
+"""Acceleration: a compiled, graph-captured denoiser for declared hot shapes; other shapes run eagerly."""
 
 from __future__ import annotations
 
@@ -196,11 +196,13 @@ class DenoiserDispatcher:
             return self.compiled_forward(*args, **kwargs)
         # A CUDA graph's outputs live in memory its next replay overwrites, and schedulers such as
         # PNDM keep past outputs: mark each call a new step and hand out copies.
-        torch.compiler.cudagraph_mark_step_begin()
+        torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         return tree_map_only(torch.Tensor, torch.clone, self.compiled_forward(*args, **kwargs))
 
 
-def _normalise_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _normalise_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Gives the denoiser its inputs in one form, whatever the pipeline and scheduler produced.
 
     A compiled graph guards on dtypes and strides, so each variant would be another graph:
@@ -266,7 +268,7 @@ def _load_megacache(path: Path | None) -> bool:
 
 
 def _save_megacache(path: Path | None) -> None:
-    """Writes the process's compile artefacts atomically, so replicas sharing a volume never read half a file."""
+    """Writes the process's compile artefacts atomically: replicas sharing a volume never read half a file."""
     if path is None:
         return
     artifacts = torch.compiler.save_cache_artifacts()
@@ -309,7 +311,9 @@ def _hot_requests(model: LoadedModel, plan: AccelerationPlan) -> Iterator[tuple[
                         num_images=batch,
                         seed=0,
                         image=image if task is not Task.TEXT_TO_IMAGE else None,
-                        mask_image=PIL.Image.new("L", (width, height), 255) if task is Task.INPAINTING else None,
+                        mask_image=PIL.Image.new("L", (width, height), 255)
+                        if task is Task.INPAINTING
+                        else None,
                     ),
                     batch,
                 )
@@ -317,7 +321,7 @@ def _hot_requests(model: LoadedModel, plan: AccelerationPlan) -> Iterator[tuple[
 
 def _prepare_denoiser(module: torch.nn.Module, model: LoadedModel) -> None:
     """The eager-side speed-ups both paths share: channels_last convolutions and fused QKV projections."""
-    module.to(memory_format=torch.channels_last)
+    module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     fuse = getattr(module, "fuse_qkv_projections", None)
     if callable(fuse):
         try:
@@ -355,7 +359,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     )
     _prepare_denoiser(module, model)
     dispatcher = DenoiserDispatcher(module, compile_mode=plan.compile_mode)
-    module.forward = dispatcher  # type: ignore[method-assign]
+    module.forward = dispatcher
     report.dispatcher = dispatcher
     started = time.perf_counter()
     try:
@@ -363,7 +367,8 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
             known = set(dispatcher.ready)
             with dispatcher.warming(request.task):
                 run_call(prepare_call(model, request), _QuietHooks())
-            assert request.width is not None and request.height is not None
+            assert request.width is not None
+            assert request.height is not None
             report.compiled_shapes.extend(
                 CompiledShape(request.task, request.width, request.height, batch, _sample_shape(signature))
                 for signature in dispatcher.ready.keys() - known

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="hot shapes compiled during warm-up (default: each model's default size; batch sizes 1 and "
         "--max-batch-size); any other shape runs eagerly",
     )
-    serve.add_argument("--compile-cache-dir", metavar="DIR", help="persist compiled artefacts here (shareable)")
+    serve.add_argument(
+        "--compile-cache-dir", metavar="DIR", help="persist compiled artefacts here (shareable)"
+    )
     serve.add_argument("--png-compress-level", type=int, help="zlib level 0-9 for PNG output (default 1)")
     serve.add_argument(
         "--allow-source",

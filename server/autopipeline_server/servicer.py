@@ -148,12 +148,16 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                 elif isinstance(event, Progress):
                     yield convert.progress_event(event)
                 elif isinstance(event, Preview):
-                    encoded = await asyncio.to_thread(encode_image, event.image, fmt, quality, self._settings.png_compress_level)
+                    encoded = await asyncio.to_thread(
+                        encode_image, event.image, fmt, quality, self._settings.png_compress_level
+                    )
                     yield convert.preview_event(event, encoded)
                 elif isinstance(event, Finished):
                     encoding_started = time.perf_counter()
                     for index, (image, seed) in enumerate(zip(event.images, event.seeds, strict=True)):
-                        encoded = await asyncio.to_thread(encode_image, image, fmt, quality, self._settings.png_compress_level)
+                        encoded = await asyncio.to_thread(
+                            encode_image, image, fmt, quality, self._settings.png_compress_level
+                        )
                         for message in convert.image_events(index, seed, image.size, encoded, chunk_bytes):
                             yield message
                     now = time.perf_counter()
