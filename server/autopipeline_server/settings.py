@@ -118,7 +118,8 @@ class Settings:
     # Where compiled artefacts persist across restarts (TORCHINDUCTOR_CACHE_DIR and one mega-cache
     # file per model); several replicas may share it. Empty = torch's default, per machine.
     compile_cache_dir: str = ""
-    # zlib level for PNG output: 1 is several times faster than Pillow's 6 for a few % more bytes.
+    # zlib level for PNG output (Pillow's default is 6). A 512x512 gradient-plus-noise image on a busy
+    # 2-core CPU: level 1 75-87 ms, 3 96-99 ms, 6 139-322 ms, for 9-19% more bytes at 1 than at 6.
     png_compress_level: int = 1
     limits: Limits = field(default_factory=Limits)
 
