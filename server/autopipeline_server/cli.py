@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from autopipeline_server import __version__
-from autopipeline_server.settings import DTYPES, ConfigError, ModelSpec, load_settings
+from autopipeline_server.settings import ACCELERATIONS, DTYPES, ConfigError, ModelSpec, load_settings
 
 
 def _model(text: str) -> ModelSpec:
@@ -46,6 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-warmup", dest="warmup", action="store_const", const=False, help="skip warm-up")
     serve.add_argument("--max-batch-size", type=int, help="images per batched call (default 1: no batching)")
     serve.add_argument("--max-batch-delay-ms", type=float, help="how long a request may wait for company")
+    serve.add_argument(
+        "--acceleration",
+        choices=ACCELERATIONS,
+        help="off: eager; compile: compiled, CUDA-graph-captured denoiser for the --compile-shapes; "
+        "auto (default): compile on CUDA, off elsewhere",
+    )
+    serve.add_argument(
+        "--compile-shapes",
+        metavar="WxH[xB],...",
+        help="hot shapes compiled during warm-up (default: each model's default size; batch sizes 1 and "
+        "--max-batch-size); any other shape runs eagerly",
+    )
+    serve.add_argument(
+        "--compile-cache-dir", metavar="DIR", help="persist compiled artefacts here (shareable)"
+    )
+    serve.add_argument("--png-compress-level", type=int, help="zlib level 0-9 for PNG output (default 1)")
     serve.add_argument(
         "--allow-source",
         dest="allow_sources",

@@ -15,6 +15,8 @@ from autopipeline_server.errors import InvalidRequest
 
 ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 DEFAULT_QUALITY = 90
+# zlib level for PNG; Pillow's default is 6. See Settings.png_compress_level for the measurements.
+DEFAULT_PNG_COMPRESS_LEVEL = 1
 
 
 class OutputFormat(Enum):
@@ -72,11 +74,16 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str = "RGB")
     return image.convert(mode)
 
 
-def encode_image(image: PIL.Image.Image, fmt: OutputFormat, quality: int = DEFAULT_QUALITY) -> EncodedImage:
-    """Encodes an image; `quality` applies to JPEG and WebP."""
+def encode_image(
+    image: PIL.Image.Image,
+    fmt: OutputFormat,
+    quality: int = DEFAULT_QUALITY,
+    png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
+) -> EncodedImage:
+    """Encodes an image; `quality` applies to JPEG and WebP, `png_compress_level` (zlib 0-9) to PNG."""
     buffer = io.BytesIO()
     if fmt is OutputFormat.PNG:
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", compress_level=png_compress_level)
     elif fmt is OutputFormat.JPEG:
         image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     else:

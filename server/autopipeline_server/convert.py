@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline_server import __version__
+from autopipeline_server.acceleration import AccelerationReport
 from autopipeline_server.arguments import ParameterInfo, ValueKind, value_kind
 from autopipeline_server.codecs import (
     DEFAULT_QUALITY,
@@ -357,7 +358,34 @@ def model_info(entry: ModelEntry, *, default_model: str, device: str, dtype: str
         info.device = str(model.device)
         info.dtype = str(model.dtype).removeprefix("torch.")
         info.tasks.extend(task_info(target) for target in model.tasks.values())
+        if model.acceleration is not None:
+            info.acceleration.CopyFrom(acceleration_info(model.acceleration))
     return info
+
+
+def acceleration_info(report: AccelerationReport) -> pb.Acceleration:
+    return pb.Acceleration(
+        requested=report.requested,
+        mode=report.mode,
+        compiled_shapes=[
+            pb.CompiledShape(
+                task=TASKS_TO_WIRE[shape.task],
+                width=shape.width,
+                height=shape.height,
+                batch_images=shape.batch_size,
+                denoiser_shape=shape.denoiser_shape,
+            )
+            for shape in report.compiled_shapes
+        ],
+        compile_time=duration(report.compile_seconds),
+        cache_loaded=report.cache_loaded,
+        cache_hits=report.cache_hits,
+        cache_misses=report.cache_misses,
+        compiled_calls=report.compiled_calls,
+        eager_calls=report.eager_calls,
+        eager_fallbacks=report.eager_fallbacks,
+        error=report.error,
+    )
 
 
 def server_info(

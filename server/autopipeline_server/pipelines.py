@@ -9,7 +9,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import (
@@ -24,6 +24,9 @@ from autopipeline_server.arguments import ParameterInfo, call_parameters
 from autopipeline_server.domain import Task
 from autopipeline_server.errors import ModelFailed, TaskNotSupported
 from autopipeline_server.settings import ModelSpec
+
+if TYPE_CHECKING:
+    from autopipeline_server.acceleration import AccelerationReport
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,8 @@ class LoadedModel:
     scheduler_config: Any
     base: Any
     tasks: dict[Task, TaskPipeline] = field(default_factory=dict)
+    # Set by acceleration.accelerate once the model is loaded (None: not applied).
+    acceleration: AccelerationReport | None = None
 
     def to(self, device: torch.device) -> None:
         """Moves the shared modules (every task pipeline's) to `device`."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from autopipeline_server.acceleration import AccelerationPlan, accelerate
 from autopipeline_server.calls import warm_up
 from autopipeline_server.domain import ModelState
 from autopipeline_server.errors import (
@@ -122,6 +123,7 @@ class ModelRegistry:
         # Reading weights (and downloading them) happens here, so the device thread keeps serving;
         # one thread, so loads queue instead of filling host memory at once.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        self.acceleration = AccelerationPlan.from_settings(settings, device)
 
     @property
     def default_model(self) -> str:
@@ -261,7 +263,10 @@ class ModelRegistry:
             model.to(device)
             if warm:
                 warm_up(model)
+            # Compiles (and captures) the declared shapes before the model is READY.
+            accelerate(model, plan)
 
+        plan = self.acceleration
         try:
             read = functools.partial(
                 load_model, spec, dtype=self.dtype, allow_pickle=self.settings.allow_pickle

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # grpc-stubs predate aio
 from grpc_reflection.v1alpha import reflection
 
+from autopipeline_server.acceleration import configure_cache
 from autopipeline_server.auth import BearerTokenInterceptor
 from autopipeline_server.domain import ModelState
 from autopipeline_server.pipelines import resolve_device, resolve_dtype
@@ -61,6 +62,7 @@ async def create_server(settings: Settings) -> RunningServer:
     """Builds, binds and starts the server; models load in the background while health says NOT_SERVING."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    configure_cache(settings.compile_cache_dir)
     health_servicer = health_aio.HealthServicer()
 
     async def publish(entry: ModelEntry) -> None:

@@ -23,7 +23,7 @@ from autopipeline_server.prepare import prepare_call
 from autopipeline_server.registry import ModelRegistry
 from autopipeline_server.settings import Settings
 from autopipeline_server.status import REQUEST_ID_KEY, abort
-from autopipeline_server.worker import InferenceWorker, Job
+from autopipeline_server.worker import Arrival, InferenceWorker, Job
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,22 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         request_id = uuid.uuid4().hex
         arrived = time.perf_counter()
+        # Batching hook: a forming batch waits for this request until it is submitted (or fails).
+        arrival = self._worker.arriving()
+        try:
+            async for message in self._generate(request, context, request_id, arrived, arrival):
+                yield message
+        finally:
+            arrival.close()
+
+    async def _generate(
+        self,
+        request: pb.GenerateRequest | None,
+        context: Context,
+        request_id: str,
+        arrived: float,
+        arrival: Arrival,
+    ) -> AsyncIterator[pb.GenerateResponse]:
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         try:
             if request is None:
@@ -105,6 +121,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
             async with self._registry.lease(entry) as model:
                 call = await asyncio.to_thread(prepare_call, model, domain_request)
                 job = self._worker.submit(call)
+                arrival.close()
                 try:
                     async for message in self._stream(job, request, request_id, arrived):
                         yield message
@@ -134,12 +151,16 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
             elif isinstance(event, Progress):
                 yield convert.progress_event(event)
             elif isinstance(event, Preview):
-                encoded = await asyncio.to_thread(encode_image, event.image, fmt, quality)
+                encoded = await asyncio.to_thread(
+                    encode_image, event.image, fmt, quality, self._settings.png_compress_level
+                )
                 yield convert.preview_event(event, encoded)
             elif isinstance(event, Finished):
                 encoding_started = time.perf_counter()
                 for index, (image, seed) in enumerate(zip(event.images, event.seeds, strict=True)):
-                    encoded = await asyncio.to_thread(encode_image, image, fmt, quality)
+                    encoded = await asyncio.to_thread(
+                        encode_image, image, fmt, quality, self._settings.png_compress_level
+                    )
                     for message in convert.image_events(index, seed, image.size, encoded, chunk_bytes):
                         yield message
                 now = time.perf_counter()

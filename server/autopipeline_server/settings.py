@@ -18,6 +18,9 @@ MiB = 1024 * 1024
 ENV_PREFIX = "AUTOPIPELINE_"
 DEVICES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# How the denoiser runs: eagerly, or compiled and graph-captured for declared shapes (acceleration.py).
+ACCELERATIONS = ("auto", "off", "compile")
+_HOT_SHAPE = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # A bearer token travels as gRPC metadata: printable ASCII, and no spaces so "Bearer <token>" parses.
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")
@@ -107,11 +110,27 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    # Acceleration (see acceleration.py and the README's "Performance"): auto = compile on CUDA, else off.
+    acceleration: str = "auto"
+    # Hot shapes compiled during warm-up: "WxH" (batch sizes 1 and max_batch_size) or "WxHxB";
+    # empty = each model's default size. Any other shape runs eagerly.
+    compile_shapes: tuple[str, ...] = ()
+    # Where compiled artefacts persist across restarts (TORCHINDUCTOR_CACHE_DIR and one mega-cache
+    # file per model); several replicas may share it. Empty = torch's default, per machine.
+    compile_cache_dir: str = ""
+    # zlib level for PNG output (Pillow's default is 6). A 512x512 gradient-plus-noise image on a busy
+    # 2-core CPU: level 1 75-87 ms, 3 96-99 ms, 6 139-322 ms, for 9-19% more bytes at 1 than at 6.
+    png_compress_level: int = 1
     limits: Limits = field(default_factory=Limits)
 
     @property
     def default_model(self) -> str:
         return self.models[0].name if self.models else ""
+
+    @property
+    def hot_shapes(self) -> tuple[tuple[int, int, int | None], ...]:
+        """`compile_shapes` parsed: (width, height, batch size or None for the defaults)."""
+        return tuple(parse_hot_shape(text) for text in self.compile_shapes)
 
     def validate(self) -> Settings:
         if not self.models:
@@ -141,6 +160,15 @@ class Settings:
         for pattern in self.allow_sources:
             if "://" in pattern or ".." in Path(pattern).parts or not pattern.strip("*/"):
                 raise ConfigError(f"allow_sources pattern {pattern!r} must be a hub id or absolute path glob")
+        if self.acceleration not in ACCELERATIONS:
+            raise ConfigError(f"acceleration {self.acceleration!r} must be one of {', '.join(ACCELERATIONS)}")
+        for width, height, batch in self.hot_shapes:
+            if width > self.limits.max_width or height > self.limits.max_height:
+                raise ConfigError(f"compile shape {width}x{height} exceeds the size limits")
+            if batch is not None and batch > max(self.max_batch_size, self.limits.max_num_images):
+                raise ConfigError(f"compile shape batch size {batch} can never occur")
+        if not 0 <= self.png_compress_level <= 9:
+            raise ConfigError("png_compress_level must be between 0 and 9")
         self._validate_security()
         self.limits.validate()
         return self
@@ -164,6 +192,15 @@ class Settings:
             path = getattr(self, name)
             if path:
                 _read_pem(name, path)
+
+
+def parse_hot_shape(text: str) -> tuple[int, int, int | None]:
+    """Parses "512x768" (width x height) or "512x768x4" (and a batch size of 4 images per call)."""
+    match = _HOT_SHAPE.match(text.strip().lower())
+    numbers = [int(g) for g in match.groups() if g is not None] if match else []
+    if not match or min(numbers) < 1:
+        raise ConfigError(f"compile shape {text!r} must be WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH")
+    return numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else None
 
 
 def _read_pem(name: str, path: str) -> bytes:

@@ -92,6 +92,18 @@ class Job:
                 return
 
 
+class Arrival:
+    """A request on its way to the queue (see `InferenceWorker.arriving`); `close` is idempotent."""
+
+    def __init__(self, worker: InferenceWorker) -> None:
+        self._worker: InferenceWorker | None = worker
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker._arrived()
+            self._worker = None
+
+
 class _Hooks:
     """Turns a running call's progress into one job's events (on the worker thread)."""
 
@@ -155,6 +167,8 @@ class InferenceWorker:
         self._running: list[Job] = []
         self._accepting = True
         self._task: asyncio.Task[None] | None = None
+        # Requests between arriving at the server and `submit` (see `arriving`); only the loop writes it.
+        self._arriving = 0
 
     @property
     def queue_depth(self) -> int:
@@ -176,6 +190,19 @@ class InferenceWorker:
     async def run_on_device(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs `fn` on the device thread (model loads and warm-ups share it with inference)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def arriving(self) -> Arrival:
+        """Marks a request on its way to `submit` (decoding, validating) until the arrival is closed.
+
+        A forming batch's head waits up to `max_batch_delay` only while someone is on the way: a
+        lone client's request starts at once instead of paying the delay for company that cannot come.
+        """
+        self._arriving += 1
+        return Arrival(self)
+
+    def _arrived(self) -> None:
+        self._arriving -= 1
+        self._wakeup.set()  # a forming batch re-checks whether to keep waiting
 
     def submit(self, call: PreparedCall) -> Job:
         """Queues a call; raises QueueFull or ShuttingDown at once instead of waiting."""
@@ -267,7 +294,7 @@ class InferenceWorker:
         deadline = time.monotonic() + self.max_batch_delay
         while sum(job.images for job in batch) < self.max_batch_size and self._accepting:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or not self._arriving:
                 break
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):

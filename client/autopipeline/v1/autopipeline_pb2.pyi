@@ -1026,6 +1026,7 @@ class ModelInfo(_message.Message):
     ON_DEMAND_FIELD_NUMBER: _builtins.int
     LOADS_FIELD_NUMBER: _builtins.int
     LOAD_DURATION_FIELD_NUMBER: _builtins.int
+    ACCELERATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use."""
     source: _builtins.str
@@ -1065,6 +1066,12 @@ class ModelInfo(_message.Message):
         warm-up.
         """
 
+    @_builtins.property
+    def acceleration(self) -> Global___Acceleration:
+        """How the model's denoiser runs: the acceleration mode in force and what
+        it compiled.
+        """
+
     def __init__(
         self,
         *,
@@ -1082,10 +1089,11 @@ class ModelInfo(_message.Message):
         on_demand: _builtins.bool = ...,
         loads: _builtins.int = ...,
         load_duration: _duration_pb2.Duration | None = ...,
+        acceleration: Global___Acceleration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["load_duration", b"load_duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acceleration", b"acceleration", "load_duration", b"load_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_class", b"checkpoint_class", "device", b"device", "dtype", b"dtype", "family", b"family", "is_default", b"is_default", "load_duration", b"load_duration", "loads", b"loads", "name", b"name", "on_demand", b"on_demand", "parameter_bytes", b"parameter_bytes", "source", b"source", "state", b"state", "state_reason", b"state_reason", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceleration", b"acceleration", "checkpoint_class", b"checkpoint_class", "device", b"device", "dtype", b"dtype", "family", b"family", "is_default", b"is_default", "load_duration", b"load_duration", "loads", b"loads", "name", b"name", "on_demand", b"on_demand", "parameter_bytes", b"parameter_bytes", "source", b"source", "state", b"state", "state_reason", b"state_reason", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1201,3 +1209,111 @@ class ParameterInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ParameterInfo: _TypeAlias = ParameterInfo  # noqa: Y015
+
+@_typing.final
+class Acceleration(_message.Message):
+    """How a model's denoiser runs (see the README's "Performance"): eagerly, or compiled and, on CUDA,
+    captured as CUDA graphs for the declared shapes, with every other shape running eagerly.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTED_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    COMPILED_SHAPES_FIELD_NUMBER: _builtins.int
+    COMPILE_TIME_FIELD_NUMBER: _builtins.int
+    CACHE_LOADED_FIELD_NUMBER: _builtins.int
+    CACHE_HITS_FIELD_NUMBER: _builtins.int
+    CACHE_MISSES_FIELD_NUMBER: _builtins.int
+    COMPILED_CALLS_FIELD_NUMBER: _builtins.int
+    EAGER_CALLS_FIELD_NUMBER: _builtins.int
+    EAGER_FALLBACKS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    requested: _builtins.str
+    """The mode the operator asked for: "auto", "off" or "compile"."""
+    mode: _builtins.str
+    """The mode in force: "off" (eager) or "compile"."""
+    cache_loaded: _builtins.bool
+    """Whether a compile cache file for this model, torch version and device was found and loaded."""
+    cache_hits: _builtins.int
+    """Compiled graphs found in the compile cache during warm-up."""
+    cache_misses: _builtins.int
+    """Compiled graphs that had to be compiled afresh during warm-up."""
+    compiled_calls: _builtins.int
+    """Denoiser calls that ran compiled since start-up."""
+    eager_calls: _builtins.int
+    """Denoiser calls that ran eagerly since start-up (shapes that were not declared)."""
+    eager_fallbacks: _builtins.int
+    """Calls at a declared shape that ran eagerly because the compiled graph's guards failed."""
+    error: _builtins.str
+    """Why the model runs eagerly although compiling was asked for; empty otherwise."""
+    @_builtins.property
+    def compiled_shapes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompiledShape]:
+        """The shapes compiled during warm-up; requests whose denoiser input has one of them run compiled."""
+
+    @_builtins.property
+    def compile_time(self) -> _duration_pb2.Duration:
+        """Time spent compiling (and capturing) the declared shapes during warm-up."""
+
+    def __init__(
+        self,
+        *,
+        requested: _builtins.str = ...,
+        mode: _builtins.str = ...,
+        compiled_shapes: _abc.Iterable[Global___CompiledShape] | None = ...,
+        compile_time: _duration_pb2.Duration | None = ...,
+        cache_loaded: _builtins.bool = ...,
+        cache_hits: _builtins.int = ...,
+        cache_misses: _builtins.int = ...,
+        compiled_calls: _builtins.int = ...,
+        eager_calls: _builtins.int = ...,
+        eager_fallbacks: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compile_time", b"compile_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hits", b"cache_hits", "cache_loaded", b"cache_loaded", "cache_misses", b"cache_misses", "compile_time", b"compile_time", "compiled_calls", b"compiled_calls", "compiled_shapes", b"compiled_shapes", "eager_calls", b"eager_calls", "eager_fallbacks", b"eager_fallbacks", "error", b"error", "mode", b"mode", "requested", b"requested"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Acceleration: _TypeAlias = Acceleration  # noqa: Y015
+
+@_typing.final
+class CompiledShape(_message.Message):
+    """One denoiser input shape compiled during warm-up, and the request that produced it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    BATCH_IMAGES_FIELD_NUMBER: _builtins.int
+    DENOISER_SHAPE_FIELD_NUMBER: _builtins.int
+    task: Global___Task.ValueType
+    """The task whose warm-up compiled it (other tasks with the same denoiser input share it)."""
+    width: _builtins.int
+    """The image width of the warm-up request."""
+    height: _builtins.int
+    """The image height of the warm-up request."""
+    batch_images: _builtins.int
+    """Images per pipeline call (one request's, or a batch's together)."""
+    @_builtins.property
+    def denoiser_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The denoiser's input tensor shape, e.g. [4, 4, 64, 64] (classifier-free guidance doubles the batch)."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task.ValueType = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        batch_images: _builtins.int = ...,
+        denoiser_shape: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_images", b"batch_images", "denoiser_shape", b"denoiser_shape", "height", b"height", "task", b"task", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompiledShape: _TypeAlias = CompiledShape  # noqa: Y015

@@ -1,0 +1,417 @@
+"""Acceleration: a compiled, graph-captured denoiser for declared hot shapes; other shapes run eagerly."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import PIL.Image
+import torch
+from torch._dynamo.utils import counters
+from torch.utils._pytree import tree_map_only
+
+from autopipeline_server.domain import GenerationRequest, Task
+from autopipeline_server.settings import Settings
+
+if TYPE_CHECKING:
+    from autopipeline_server.pipelines import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# The mega-cache files (torch.compiler.save_cache_artifacts) live in this folder of the cache dir.
+MEGACACHE_FOLDER = "autopipeline-megacache"
+# Denoising steps of a warm-up call: CUDA graph trees run a shape once eagerly, record it on the
+# second call and replay from the third, so three calls per shape leave it captured.
+WARMUP_STEPS = 3
+# Dynamo's message when `fail_on_recompile` stops a recompile; anything else is a real error.
+_RECOMPILE_MESSAGE = "Detected recompile"
+
+Shape = tuple[int, ...]
+Signature = tuple[tuple[str, Shape], ...]
+
+
+@dataclass(frozen=True)
+class AccelerationPlan:
+    """What the operator asked for, resolved for one device."""
+
+    requested: str
+    mode: str  # "off" or "compile"
+    shapes: tuple[tuple[int, int, int | None], ...]
+    max_batch_size: int
+    cache_dir: str
+    # torch.compile's mode: "reduce-overhead" (CUDA graphs) on CUDA, the default elsewhere.
+    compile_mode: str | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, device: torch.device) -> AccelerationPlan:
+        mode = settings.acceleration
+        if mode == "auto":
+            mode = "compile" if device.type == "cuda" else "off"
+        return cls(
+            requested=settings.acceleration,
+            mode=mode,
+            shapes=settings.hot_shapes,
+            max_batch_size=settings.max_batch_size,
+            cache_dir=settings.compile_cache_dir,
+            compile_mode="reduce-overhead" if device.type == "cuda" else None,
+        )
+
+    def batch_sizes(self, declared: int | None) -> list[int]:
+        return [declared] if declared is not None else sorted({1, self.max_batch_size})
+
+
+def configure_cache(cache_dir: str) -> None:
+    """Points torch's compile caches (Inductor, and Triton beneath it) at `cache_dir`; call once at start-up.
+
+    torch reads the variable itself, lazily, so setting it before the first compile is the documented
+    way to choose the folder; the value comes from the settings, not from our environment.
+    """
+    if cache_dir:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
+
+
+@dataclass(frozen=True)
+class CompiledShape:
+    """A denoiser input shape compiled (and on CUDA captured) during warm-up, and the request it serves."""
+
+    task: Task
+    width: int
+    height: int
+    batch_size: int
+    denoiser_shape: Shape
+
+
+@dataclass
+class AccelerationReport:
+    """What acceleration did for one model, for the log and Inspect."""
+
+    requested: str
+    mode: str
+    compiled_shapes: list[CompiledShape] = field(default_factory=list)
+    compile_seconds: float = 0.0
+    cache_loaded: bool = False  # a mega-cache file for this model, torch and device was found and loaded
+    cache_hits: int = 0  # Inductor FX graph cache hits during warm-up
+    cache_misses: int = 0
+    error: str = ""
+    dispatcher: DenoiserDispatcher | None = None
+
+    @property
+    def compiled_calls(self) -> int:
+        return self.dispatcher.compiled_calls if self.dispatcher else 0
+
+    @property
+    def eager_calls(self) -> int:
+        return self.dispatcher.eager_calls if self.dispatcher else 0
+
+    @property
+    def eager_fallbacks(self) -> int:
+        return self.dispatcher.eager_fallbacks if self.dispatcher else 0
+
+
+def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Signature:
+    """The shapes of every tensor argument (by position or name, nested dicts included)."""
+    parts: list[tuple[str, Shape]] = []
+
+    def add(name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            parts.append((name, tuple(value.shape)))
+        elif isinstance(value, dict):
+            for key in sorted(value):
+                add(f"{name}.{key}", value[key])
+
+    for index, value in enumerate(args):
+        add(str(index), value)
+    for key in sorted(kwargs):
+        add(key, kwargs[key])
+    return tuple(parts)
+
+
+def _sample_shape(signature: Signature) -> Shape:
+    named = dict(signature)
+    return named.get("0") or named.get("sample") or named.get("hidden_states") or ()
+
+
+class DenoiserDispatcher:
+    """Stands in for the denoiser's `forward`: warmed shapes run compiled, every other shape eagerly.
+
+    Installed as the module's instance `forward`, so the pipelines (and `from_pipe` siblings, which
+    share the module) call it unchanged. During warm-up (`warming`) calls compile freely and their
+    shapes become ready. Afterwards a ready shape runs the compiled callable under dynamo's
+    `fail_on_recompile` stance: a guard that unexpectedly fails falls back to eager and is counted,
+    so nothing ever compiles on the hot path. Any other shape goes straight to the eager forward.
+    """
+
+    def __init__(self, module: torch.nn.Module, *, compile_mode: str | None) -> None:
+        self.eager_forward: Callable[..., Any] = module.forward
+        self._cuda_graphs = compile_mode == "reduce-overhead"
+        self.compiled_forward: Callable[..., Any] = torch.compile(
+            self.eager_forward, mode=compile_mode, fullgraph=True, dynamic=False
+        )
+        self.ready: dict[Signature, Task] = {}
+        self.compiled_calls = 0
+        self.eager_calls = 0
+        self.eager_fallbacks = 0
+        self._warming: Task | None = None
+
+    @contextlib.contextmanager
+    def warming(self, task: Task) -> Iterator[None]:
+        self._warming = task
+        try:
+            yield
+        finally:
+            self._warming = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _normalise_inputs(args, kwargs)
+        signature = _signature(args, kwargs)
+        if self._warming is not None:
+            result = self._compiled(args, kwargs)
+            self.ready.setdefault(signature, self._warming)
+            return result
+        if signature in self.ready:
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    result = self._compiled(args, kwargs)
+                self.compiled_calls += 1
+                return result
+            except RuntimeError as err:
+                if _RECOMPILE_MESSAGE not in str(err):
+                    raise
+                self.eager_fallbacks += 1
+                log.warning("a warmed shape %s failed its guards; ran eagerly: %s", signature, err)
+        self.eager_calls += 1
+        return self.eager_forward(*args, **kwargs)
+
+    def _compiled(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self._cuda_graphs:
+            return self.compiled_forward(*args, **kwargs)
+        # A CUDA graph's outputs live in memory its next replay overwrites, and schedulers such as
+        # PNDM keep past outputs: mark each call a new step and hand out copies.
+        torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+        return tree_map_only(torch.Tensor, torch.clone, self.compiled_forward(*args, **kwargs))
+
+
+def _normalise_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Gives the denoiser its inputs in one form, whatever the pipeline and scheduler produced.
+
+    A compiled graph guards on dtypes and strides, so each variant would be another graph:
+    - image latents go in channels_last, the denoiser's own layout: the first step's latents are
+      contiguous, later ones come back from the scheduler in the UNet output's channels_last;
+    - the timestep goes in as float32: schedulers disagree (PNDM and DDIM yield int64 tensors, Euler
+      float32, some Python numbers), and every denoiser turns it into float32 for its embedding
+      anyway (UNet: `timesteps.float()`), so this changes no result.
+    """
+    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    if isinstance(sample, torch.Tensor) and sample.dim() == 4:
+        sample = sample.contiguous(memory_format=torch.channels_last)
+        if args:
+            args = (sample, *args[1:])
+        else:
+            kwargs = {**kwargs, ("sample" if "sample" in kwargs else "hidden_states"): sample}
+    if len(args) >= 2:
+        timestep, where = args[1], 1
+    elif "timestep" in kwargs:
+        timestep, where = kwargs["timestep"], -1
+    else:
+        return args, kwargs
+    if isinstance(timestep, (int, float)) and isinstance(sample, torch.Tensor):
+        timestep = torch.tensor(float(timestep), dtype=torch.float32, device=sample.device)
+    elif isinstance(timestep, torch.Tensor) and not timestep.is_floating_point():
+        timestep = timestep.to(torch.float32)
+    else:
+        return args, kwargs
+    if where == 1:
+        return (args[0], timestep, *args[2:]), kwargs
+    return args, {**kwargs, "timestep": timestep}
+
+
+def denoiser_of(model: LoadedModel) -> torch.nn.Module | None:
+    pipe = next(iter(model.tasks.values())).pipe
+    module = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return module if isinstance(module, torch.nn.Module) else None
+
+
+def megacache_path(model: LoadedModel, plan: AccelerationPlan) -> Path | None:
+    """One file per model source, torch version, device type and compile settings (None: no cache dir)."""
+    if not plan.cache_dir:
+        return None
+    device = model.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    source = model.spec.source
+    if Path(source).exists():
+        source = str(Path(source).resolve())
+    key = "\0".join([source, torch.__version__, device_name, str(model.dtype), str(plan.compile_mode)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return Path(plan.cache_dir) / MEGACACHE_FOLDER / f"{digest}.bin"
+
+
+def _load_megacache(path: Path | None) -> bool:
+    if path is None or not path.is_file():
+        return False
+    try:
+        torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception as err:  # a corrupt or foreign file only costs a compile
+        log.warning("cannot load compile cache %s: %s", path, err)
+        return False
+    return True
+
+
+def _save_megacache(path: Path | None) -> None:
+    """Writes the process's compile artefacts atomically: replicas sharing a volume never read half a file."""
+    if path is None:
+        return
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(artifacts[0])
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+    log.info("saved compile cache %s (%d bytes)", path, len(artifacts[0]))
+
+
+def _hot_requests(model: LoadedModel, plan: AccelerationPlan) -> Iterator[tuple[GenerationRequest, int]]:
+    """One warm-up request per task, declared size and batch size (default: the model's own size)."""
+    for task, target in model.tasks.items():
+        sizes = plan.shapes or ((*target.default_size, None),)
+        for width, height, declared in sizes:
+            if width % target.size_multiple or height % target.size_multiple:
+                log.warning(
+                    "%s: compile shape %dx%d is not a multiple of %d; skipped",
+                    model.spec.name,
+                    width,
+                    height,
+                    target.size_multiple,
+                )
+                continue
+            for batch in plan.batch_sizes(declared):
+                image = PIL.Image.new("RGB", (width, height), (127, 127, 127))
+                yield (
+                    GenerationRequest(
+                        model=model.spec.name,
+                        task=task,
+                        prompt="warm-up",
+                        width=width,
+                        height=height,
+                        num_inference_steps=WARMUP_STEPS,
+                        strength=1.0 if "strength" in target.named_arguments else None,
+                        num_images=batch,
+                        seed=0,
+                        image=image if task is not Task.TEXT_TO_IMAGE else None,
+                        mask_image=PIL.Image.new("L", (width, height), 255)
+                        if task is Task.INPAINTING
+                        else None,
+                    ),
+                    batch,
+                )
+
+
+def _prepare_denoiser(module: torch.nn.Module, model: LoadedModel) -> None:
+    """The eager-side speed-ups both paths share: channels_last convolutions and fused QKV projections."""
+    module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    fuse = getattr(module, "fuse_qkv_projections", None)
+    if callable(fuse):
+        try:
+            fuse()
+        except ValueError as err:  # e.g. added KV projections: the family does not support it
+            log.info("%s: no fused QKV projections: %s", model.spec.name, err)
+
+
+def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport:
+    """Applies the plan to a loaded model and compiles every declared shape; runs on the device thread.
+
+    Returns (and attaches to the model) the report Inspect shows. A failure to compile leaves the
+    model serving eagerly, with the error in the report, rather than failing the model.
+    """
+    from autopipeline_server.calls import run_call
+    from autopipeline_server.prepare import prepare_call
+
+    report = AccelerationReport(requested=plan.requested, mode=plan.mode)
+    model.acceleration = report
+    if plan.mode == "off":
+        return report
+    module = denoiser_of(model)
+    if module is None:
+        report.mode, report.error = "off", "the pipeline has no unet or transformer to compile"
+        return report
+    cache_file = megacache_path(model, plan)
+    report.cache_loaded = _load_megacache(cache_file)
+    hits_before = counters["inductor"]["fxgraph_cache_hit"]
+    misses_before = counters["inductor"]["fxgraph_cache_miss"]
+    # Each declared shape (per task, where guards differ) is its own graph: allow all of them.
+    requests = list(_hot_requests(model, plan))
+    limit = max(torch._dynamo.config.recompile_limit, 2 * len(requests) + 8)
+    torch._dynamo.config.recompile_limit = limit
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, limit
+    )
+    _prepare_denoiser(module, model)
+    dispatcher = DenoiserDispatcher(module, compile_mode=plan.compile_mode)
+    module.forward = dispatcher
+    report.dispatcher = dispatcher
+    started = time.perf_counter()
+    try:
+        for request, batch in requests:
+            known = set(dispatcher.ready)
+            with dispatcher.warming(request.task):
+                run_call(prepare_call(model, request), _QuietHooks())
+            assert request.width is not None
+            assert request.height is not None
+            report.compiled_shapes.extend(
+                CompiledShape(request.task, request.width, request.height, batch, _sample_shape(signature))
+                for signature in dispatcher.ready.keys() - known
+            )
+    except Exception as err:
+        log.exception("%s: compiling failed; serving eagerly", model.spec.name)
+        dispatcher.ready.clear()
+        report.compiled_shapes.clear()
+        report.mode, report.error = "off", f"compiling failed: {type(err).__name__}: {err}"
+        return report
+    finally:
+        report.compile_seconds = time.perf_counter() - started
+        report.cache_hits = counters["inductor"]["fxgraph_cache_hit"] - hits_before
+        report.cache_misses = counters["inductor"]["fxgraph_cache_miss"] - misses_before
+    if report.cache_misses or not report.cache_loaded:
+        _save_megacache(cache_file)
+    log.info(
+        "%s: compiled %d denoiser shapes for %d requests in %.1fs (%s; cache %s, %d hits, %d misses): %s",
+        model.spec.name,
+        len(report.compiled_shapes),
+        len(requests),
+        report.compile_seconds,
+        plan.compile_mode or "default mode",
+        "loaded" if report.cache_loaded else "not found",
+        report.cache_hits,
+        report.cache_misses,
+        ", ".join(f"{s.task.value} {s.width}x{s.height}x{s.batch_size}" for s in report.compiled_shapes),
+    )
+    return report
+
+
+class _QuietHooks:
+    """Call hooks that report nowhere (warm-up calls have no caller)."""
+
+    def started(self, total_steps: int) -> None:
+        pass
+
+    def step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def preview(self, step: int, images: list[PIL.Image.Image]) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return False

@@ -1,0 +1,221 @@
+"""Acceleration on CPU, tiny SD 1.5: compiled equals eager, and nothing recompiles on the hot path."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from autopipeline.v1 import autopipeline_pb2 as pb
+from autopipeline_server import convert
+from autopipeline_server.acceleration import (
+    MEGACACHE_FOLDER,
+    AccelerationPlan,
+    AccelerationReport,
+    accelerate,
+    configure_cache,
+)
+from autopipeline_server.calls import prepare_call, run_batch, run_call
+from autopipeline_server.domain import GenerationRequest, ModelState, Task
+from autopipeline_server.pipelines import LoadedModel, load_model
+from autopipeline_server.registry import ModelEntry
+from autopipeline_server.settings import ConfigError, ModelSpec, Settings, load_settings
+
+# float32 on CPU: inductor's fused kernels reorder sums, and fused QKV / channels_last change the
+# order again, so latents differ by ~1e-6; after rounding to 8-bit pixels at most one level moves.
+PIXEL_TOLERANCE = 1
+DECLARED = (64, 64, 2)  # the tiny model's default size, two images per call (denoiser batch 4 with CFG)
+
+
+class _Hooks:
+    def started(self, total_steps: int) -> None:
+        pass
+
+    def step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def preview(self, step: int, images: list[PIL.Image.Image]) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def _plan(cache_dir: Path, mode: str = "compile") -> AccelerationPlan:
+    return AccelerationPlan(
+        requested=mode,
+        mode=mode,
+        shapes=(DECLARED,),
+        max_batch_size=2,
+        cache_dir=str(cache_dir),
+        compile_mode=None,
+    )
+
+
+def _load(checkpoint: Path) -> LoadedModel:
+    return load_model(ModelSpec("sd15", str(checkpoint)), dtype=torch.float32, allow_pickle=False)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("compile-cache")
+    configure_cache(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def compiled(checkpoints: dict[str, Path], cache_dir: Path) -> LoadedModel:
+    model = _load(checkpoints["sd15"])
+    report = accelerate(model, _plan(cache_dir))
+    assert report.error == "", report.error
+    return model
+
+
+@pytest.fixture(scope="module")
+def eager(checkpoints: dict[str, Path], cache_dir: Path) -> LoadedModel:
+    model = _load(checkpoints["sd15"])
+    accelerate(model, _plan(cache_dir, mode="off"))
+    return model
+
+
+def _report(model: LoadedModel) -> AccelerationReport:
+    assert model.acceleration is not None
+    return model.acceleration
+
+
+def _request(num_images: int, **overrides: object) -> GenerationRequest:
+    fields: dict[str, object] = {
+        "model": "sd15",
+        "task": Task.TEXT_TO_IMAGE,
+        "prompt": "a red square",
+        "num_inference_steps": 3,
+        "seed": 7,
+        "num_images": num_images,
+    }
+    fields.update(overrides)
+    return GenerationRequest(**fields)  # type: ignore[arg-type]
+
+
+class _Watch:
+    """Counts what the dispatcher and dynamo did between entering and leaving."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self._report = _report(model)
+
+    def __enter__(self) -> _Watch:
+        self._start = self._snapshot()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._snapshot()
+        self.compiled, self.eager, self.fallbacks, self.graphs = (
+            b - a for a, b in zip(self._start, end, strict=True)
+        )
+
+    def _snapshot(self) -> tuple[int, int, int, int]:
+        report = self._report
+        graphs = counters["stats"]["unique_graphs"]
+        return report.compiled_calls, report.eager_calls, report.eager_fallbacks, graphs
+
+
+def _pixels(images: list[PIL.Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
+
+
+def test_compiled_images_equal_eager_images_at_a_declared_shape(
+    compiled: LoadedModel, eager: LoadedModel
+) -> None:
+    with _Watch(compiled) as watch:
+        fast = run_call(prepare_call(compiled, _request(2)), _Hooks())
+    slow = run_call(prepare_call(eager, _request(2)), _Hooks())
+    assert watch.compiled >= 3 and watch.eager == 0  # every denoiser call (PNDM: steps + 1) compiled
+    assert watch.fallbacks == 0 and watch.graphs == 0  # and nothing was compiled on the way
+    assert np.abs(_pixels(fast) - _pixels(slow)).max() <= PIXEL_TOLERANCE
+
+
+def test_an_undeclared_shape_runs_eagerly_without_compiling(
+    compiled: LoadedModel, eager: LoadedModel
+) -> None:
+    with _Watch(compiled) as watch:
+        fast = run_call(prepare_call(compiled, _request(1, width=32, height=48)), _Hooks())
+        run_call(prepare_call(compiled, _request(1)), _Hooks())  # the declared size, an undeclared batch
+    slow = run_call(prepare_call(eager, _request(1, width=32, height=48)), _Hooks())
+    # PNDM (the model's scheduler) calls the denoiser steps + 1 times: 2 requests x 4 calls.
+    assert (watch.compiled, watch.eager, watch.fallbacks, watch.graphs) == (0, 8, 0, 0)
+    assert np.abs(_pixels(fast) - _pixels(slow)).max() <= PIXEL_TOLERANCE
+
+
+def test_scheduler_batch_composition_and_task_do_not_recompile(compiled: LoadedModel) -> None:
+    euler = "EulerDiscreteScheduler"  # float timesteps where the default PNDM gives integers
+    assert euler in compiled.tasks[Task.TEXT_TO_IMAGE].schedulers
+    two_callers = [prepare_call(compiled, _request(1, prompt=p, scheduler=euler)) for p in ("a cat", "a dog")]
+    assert two_callers[0].batch_key() == two_callers[1].batch_key()
+    image = PIL.Image.new("RGB", (64, 64), (200, 30, 30))
+    with _Watch(compiled) as watch:
+        results = run_batch(two_callers, [_Hooks(), _Hooks()])
+        # No guidance: no CFG, so four images are the same denoiser batch as two with guidance.
+        run_call(prepare_call(compiled, _request(4, guidance_scale=1.0)), _Hooks())
+        run_call(
+            prepare_call(compiled, _request(2, task=Task.IMAGE_TO_IMAGE, image=image, strength=1.0)), _Hooks()
+        )
+    assert [len(images) for images in results] == [1, 1]
+    # Euler: 3 calls; PNDM: 4 calls, twice.
+    assert (watch.compiled, watch.eager, watch.fallbacks, watch.graphs) == (11, 0, 0, 0)
+
+
+def test_inspect_reports_the_mode_and_compiled_shapes(compiled: LoadedModel, eager: LoadedModel) -> None:
+    entry = ModelEntry(compiled.spec, pinned=True, state=ModelState.READY, reason="", model=compiled)
+    info = convert.model_info(entry, default_model="sd15", device="cpu", dtype="float32")
+    acceleration = info.acceleration
+    assert (acceleration.requested, acceleration.mode) == ("compile", "compile")
+    assert acceleration.compile_time.ToTimedelta().total_seconds() > 0
+    shapes = {
+        (s.task, s.width, s.height, s.batch_images, tuple(s.denoiser_shape))
+        for s in acceleration.compiled_shapes
+    }
+    # One graph serves all three tasks: their denoiser inputs are alike (a 4-channel UNet).
+    assert shapes == {(pb.TASK_TEXT_TO_IMAGE, 64, 64, 2, (4, 4, 8, 8))}
+    assert acceleration.compiled_calls >= 3 and acceleration.eager_fallbacks == 0
+    entry = dataclasses.replace(entry, model=eager)
+    off = convert.model_info(entry, default_model="sd15", device="cpu", dtype="float32").acceleration
+    assert (off.mode, len(off.compiled_shapes), off.compiled_calls) == ("off", 0, 0)
+
+
+def test_the_cache_dir_holds_artifacts_and_a_second_load_hits_them(
+    compiled: LoadedModel, checkpoints: dict[str, Path], cache_dir: Path
+) -> None:
+    first = _report(compiled)
+    assert list((cache_dir / MEGACACHE_FOLDER).glob("*.bin"))
+    assert any(
+        path.is_dir() for path in cache_dir.iterdir() if path.name != MEGACACHE_FOLDER
+    )  # Inductor's own
+    # A second model of the same architecture would reuse this process's compiled code outright;
+    # forget it, as a restarted process would, so the graphs must come from the cache dir.
+    torch._dynamo.reset()
+    again = accelerate(_load(checkpoints["sd15"]), _plan(cache_dir))
+    assert again.cache_loaded and again.cache_hits >= 1 and again.cache_misses == 0
+    assert again.compiled_shapes == first.compiled_shapes
+
+
+def test_settings_parse_acceleration_and_hot_shapes(tmp_path: Path) -> None:
+    settings = load_settings(
+        {"models": [ModelSpec("m", "/m")], "compile_shapes": "512x512, 768x512x4"},
+        {"AUTOPIPELINE_ACCELERATION": "compile", "AUTOPIPELINE_PNG_COMPRESS_LEVEL": "3"},
+    )
+    assert settings.acceleration == "compile" and settings.png_compress_level == 3
+    assert settings.hot_shapes == ((512, 512, None), (768, 512, 4))
+    plan = AccelerationPlan.from_settings(
+        dataclasses.replace(settings, max_batch_size=8), torch.device("cpu")
+    )
+    assert plan.batch_sizes(None) == [1, 8] and plan.batch_sizes(4) == [4]
+    auto = AccelerationPlan.from_settings(Settings(), torch.device("cpu"))
+    assert (auto.requested, auto.mode) == ("auto", "off")
+    for bad in ({"compile_shapes": "512"}, {"compile_shapes": "0x512"}, {"acceleration": "fast"},
+                {"png_compress_level": 10}, {"compile_shapes": "4096x512"}):  # fmt: skip
+        with pytest.raises(ConfigError):
+            load_settings({"models": "m=/m", **bad}, {})
