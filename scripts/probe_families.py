@@ -58,9 +58,11 @@ def probe(family: str, root: pathlib.Path) -> list[str]:
             ModelSpec(family, str(path)), device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False
         )
     except Exception as err:
-        return [*row, f"no: {_short(err)}", "-", "-", "-"]
+        return [*row, f"no: {_short(err)}", "-", "-", "-", "-"]
     tasks = ", ".join(f"{task.value} ({pipe.pipeline_class})" for task, pipe in model.tasks.items())
-    row += ["yes", tasks or "none"]
+    first = next(iter(model.tasks.values()), None)
+    default = "-" if first is None else "{}x{} /{}".format(*first.default_size, first.size_multiple)
+    row += ["yes", tasks or "none", default]
     target = model.tasks.get(Task.TEXT_TO_IMAGE)
     if target is None:
         row.append("not offered")
@@ -69,9 +71,10 @@ def probe(family: str, root: pathlib.Path) -> list[str]:
             row.append(f"yes {_one_step(target.pipe)}")
         except Exception as err:
             row.append(f"no: {_short(err)}")
+    started = time.perf_counter()
     try:
         warm_up(model)
-        row.append("yes")
+        row.append(f"yes ({time.perf_counter() - started:.1f}s)")
     except Exception as err:
         row.append(f"no: {_short(err)}")
     return row
@@ -84,7 +87,15 @@ def main() -> int:
     configure_logging("ERROR")
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    header = ["family", "build / size", "load_model", "tasks offered", "1-step text-to-image", "warm_up"]
+    header = [
+        "family",
+        "build / size",
+        "load_model",
+        "tasks offered",
+        "default size / multiple",
+        "1-step text-to-image",
+        "warm_up",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
