@@ -170,21 +170,20 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
 # ---------------------------------------------------------------------------------------- text encoders
 
 
-def _text_config(**overrides: Any) -> CLIPTextConfig:
+def _text_config() -> CLIPTextConfig:
     vocab = _vocab()
-    settings: dict[str, Any] = {
-        "vocab_size": len(vocab),
-        "hidden_size": _CLIP_HIDDEN,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": _MAX_LENGTH,
-        "projection_dim": _CLIP_HIDDEN,
-        "bos_token_id": vocab[_BOS],
-        "eos_token_id": vocab[_EOS],
-        "pad_token_id": vocab[_EOS],
-    }
-    return CLIPTextConfig(**(settings | overrides))
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=_CLIP_HIDDEN,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=_MAX_LENGTH,
+        projection_dim=_CLIP_HIDDEN,
+        bos_token_id=vocab[_BOS],
+        eos_token_id=vocab[_EOS],
+        pad_token_id=vocab[_EOS],
+    )
 
 
 def _text_encoder(seed: int) -> CLIPTextModel:
@@ -994,6 +993,7 @@ def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike[str], *, seed:
     spec.build(seed).save_pretrained(path, safe_serialization=True)
     if spec.prior is not None:
         prior = path / _PRIOR
+        # The prior draws from seeds apart from the decoder's.
         spec.prior(seed + 10).save_pretrained(prior, safe_serialization=True)
         _write_prior_card(path, family, prior.resolve())
     return path
