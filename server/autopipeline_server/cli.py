@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from autopipeline_server import __version__
@@ -19,6 +19,24 @@ def _model(text: str) -> ModelSpec:
         return ModelSpec.parse(text)
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+class _TinyFamilies:
+    """`tiny.FAMILIES` for argparse's `choices`, imported only when tiny-model reads it.
+
+    Importing tiny imports torch and diffusers (seconds); `serve --help` and `health` must not pay that.
+    """
+
+    def _names(self) -> tuple[str, ...]:
+        from autopipeline_server.tiny import FAMILIES
+
+        return FAMILIES
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight checkpoint (offline)")
-    tiny.add_argument("--family", default="sd15", help="sd15, sdxl or sd15-inpainting")
+    tiny.add_argument(
+        "--family", default="sd15", choices=_TinyFamilies(), metavar="FAMILY", help="one of: %(choices)s"
+    )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("out_dir", type=Path)
 
