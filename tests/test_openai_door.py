@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import random
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -183,9 +184,14 @@ def test_bad_generations_are_bad_requests_naming_the_param(
     extra_body = {**STEPS, **arguments.pop("extra_body", {})}
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(prompt="x", **{"size": "64x64", **arguments}, extra_body=extra_body)
-    assert caught.value.status_code == 400
-    assert (caught.value.param, caught.value.code, caught.value.type) == (param, code, "invalid_request_error")
-    assert caught.value.response.headers["x-request-id"]
+    error = caught.value
+    assert (error.status_code, error.param, error.code, error.type) == (
+        400,
+        param,
+        code,
+        "invalid_request_error",
+    )
+    assert error.response.headers["x-request-id"]
 
 
 def test_url_is_refused_because_nothing_is_hosted(client: openai.OpenAI) -> None:
@@ -239,7 +245,9 @@ def photo() -> bytes:
     return png_bytes(image)
 
 
-def test_edit_without_a_mask_is_image_to_image(door: ServerThread, client: openai.OpenAI, photo: bytes) -> None:
+def test_edit_without_a_mask_is_image_to_image(
+    door: ServerThread, client: openai.OpenAI, photo: bytes
+) -> None:
     result = client.images.edit(
         image=("photo.png", photo, "image/png"),
         prompt="at night",
@@ -424,6 +432,26 @@ def test_a_full_queue_is_429_with_retry_after(door: ServerThread, client: openai
         assert running.result(60).data and queued.result(60).data
     assert caught.value.code == "queue_full"
     assert int(caught.value.response.headers["retry-after"]) >= 1
+
+
+def test_a_caller_who_hangs_up_cancels_its_work(door: ServerThread, client: openai.OpenAI) -> None:
+    started, release, holding = _hold_first_step(door)
+    worker = door.running.worker
+    cancelled_before = worker.stats.cancelled_queued
+    body = json.dumps({"prompt": "hang up", "size": "64x64", **STEPS}).encode()
+    head = "POST /v1/images/generations HTTP/1.1\r\nHost: door\r\nContent-Type: application/json\r\n"
+    with holding, ThreadPoolExecutor(1) as pool:
+        try:
+            running = pool.submit(client.images.generate, prompt="a", size="64x64", extra_body=STEPS)
+            assert started.wait(60)
+            with socket.create_connection(("127.0.0.1", door.running.http_port or 0)) as sock:
+                sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                _wait_for(lambda: worker.queue_depth == 1)
+            # The connection is gone: its request leaves the queue without ever running.
+            _wait_for(lambda: worker.stats.cancelled_queued == cancelled_before + 1)
+        finally:
+            release.set()
+        assert running.result(60).data
 
 
 def test_draining_refuses_new_requests_and_finishes_those_in_flight(checkpoints: dict[str, Path]) -> None:
