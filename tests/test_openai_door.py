@@ -496,3 +496,7 @@ def test_http_port_is_off_by_default_and_follows_the_precedence_chain(tmp_path: 
             load_settings({**model, **bad}, {})
     with pytest.raises(ConfigError, match="http_port"):
         load_settings(model, {"AUTOPIPELINE_HTTP_PORT": "eighty"})
+    example = (Path(__file__).parents[1] / "examples" / "config.toml").read_text()
+    assert "# http_port = 8080" in example
+    config.write_text(example.replace("# http_port = 8080", "http_port = 8080"))
+    assert load_settings(model, {}, config_file=config).http_port == 8080
