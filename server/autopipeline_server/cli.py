@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="mutual TLS: require client certificates signed by this PEM CA",
     )
 
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="also serve the OpenAI-compatible images API over HTTP on PORT (0 picks a free one; "
+        "default off)",
+    )
+
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight checkpoint (offline)")
     tiny.add_argument(
         "--family", default="sd15", choices=_TinyFamilies(), metavar="FAMILY", help="one of: %(choices)s"

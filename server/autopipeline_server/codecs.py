@@ -37,8 +37,8 @@ class EncodedImage:
     mime_type: str
 
 
-def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str = "RGB") -> PIL.Image.Image:
-    """Decodes PNG/JPEG/WebP bytes into an image of `mode`.
+def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str | None = "RGB") -> PIL.Image.Image:
+    """Decodes PNG/JPEG/WebP bytes into an image of `mode` (None: the file's own mode, alpha kept).
 
     The header is read first and the pixel count checked before any pixel data is decoded, so a
     small file that claims enormous dimensions costs nothing.
@@ -71,7 +71,7 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str = "RGB")
         rgba = image.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert(mode)
+    return image if mode is None else image.convert(mode)
 
 
 def encode_image(

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from autopipeline_server.acceleration import configure_cache
 from autopipeline_server.auth import BearerTokenInterceptor
 from autopipeline_server.domain import ModelState
+from autopipeline_server.openai_http import OpenAIDoor
 from autopipeline_server.pipelines import resolve_device, resolve_dtype
 from autopipeline_server.registry import ModelEntry, ModelRegistry
 from autopipeline_server.servicer import SERVICE_NAME, AutoPipelineServicer, service_handler
@@ -40,6 +41,13 @@ class RunningServer:
     worker: InferenceWorker
     health: health_aio.HealthServicer
     loading: asyncio.Task[None]
+    # The OpenAI-compatible HTTP door, when `settings.http_port` turns it on.
+    http: OpenAIDoor | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port of the OpenAI-compatible door; None when it is off."""
+        return self.http.port if self.http is not None else None
 
     async def wait_until_loaded(self) -> None:
         """Returns when every configured model has finished loading (ready or failed)."""
@@ -48,8 +56,12 @@ class RunningServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drains: health turns NOT_SERVING, new requests get UNAVAILABLE, in-flight work gets `grace`."""
         grace = self.settings.grace if grace is None else grace
+        if self.http is not None:
+            self.http.start_draining()
         await self.health.enter_graceful_shutdown()
         await self.worker.drain(grace)
+        if self.http is not None:
+            await self.http.close()  # before the gRPC server, which its in-flight requests still use
         await self.server.stop(grace=1.0)
         self.loading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -103,8 +115,18 @@ async def create_server(settings: Settings) -> RunningServer:
     )
     for name in ("", SERVICE_NAME, *registry.entries):
         await health_servicer.set(name, NOT_SERVING)
+    # The door adds a private port to the server, so it is built before the server starts.
+    http = OpenAIDoor(settings, server) if settings.http_port is not None else None
     port = _bind(server, settings)
     await server.start()
+    if http is not None:
+        try:
+            await http.start()
+        except BaseException:
+            await http.close()
+            await server.stop(None)
+            raise
+        log.info("OpenAI-compatible HTTP on %s:%d", settings.host, http.port)
     worker.start()
     log.info(
         "listening on %s:%d (device %s, dtype %s; %s; %s)",
@@ -132,7 +154,7 @@ async def create_server(settings: Settings) -> RunningServer:
         )
 
     loading = asyncio.get_running_loop().create_task(load(), name="load-models")
-    return RunningServer(server, port, settings, registry, worker, health_servicer, loading)
+    return RunningServer(server, port, settings, registry, worker, health_servicer, loading, http)
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
@@ -168,6 +190,8 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"autopipeline-server listening on {settings.host}:{running.port}", flush=True)
+    if running.http_port is not None:
+        print(f"autopipeline-server OpenAI HTTP on {settings.host}:{running.http_port}", flush=True)
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", settings.grace)
     await running.stop()

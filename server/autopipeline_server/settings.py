@@ -121,6 +121,8 @@ class Settings:
     # zlib level for PNG output (Pillow's default is 6). A 512x512 gradient-plus-noise image on a busy
     # 2-core CPU: level 1 75-87 ms, 3 96-99 ms, 6 139-322 ms, for 9-19% more bytes at 1 than at 6.
     png_compress_level: int = 1
+    # The OpenAI-compatible HTTP door (openai_http.py): None keeps it off; 0 picks a free port.
+    http_port: int | None = None
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -147,6 +149,10 @@ class Settings:
             raise ConfigError(f"dtype {self.dtype!r} must be one of {', '.join(DTYPES)}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port {self.http_port} is out of range")
+        if self.http_port and self.http_port == self.port:
+            raise ConfigError(f"http_port and port must differ, both are {self.port}")
         if self.max_queue < 1:
             raise ConfigError("max_queue must be at least 1")
         if self.grace < 0:
@@ -271,10 +277,15 @@ def parse_size(text: str | int) -> int:
 
 def _coerce(name: str, value: Any, target: Any) -> Any:
     """Converts a config/env value to the type of the default it replaces."""
-    kind = type(target)
+    # http_port is off (None) by default, so its default says nothing about its type.
+    kind = int if name == "http_port" else type(target)
     try:
         if name == "memory_budget":
             return parse_size(value)
+        if name == "http_port":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return None if value in (None, "", "off") else int(value)
         if kind is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(item).strip() for item in items if str(item).strip())
