@@ -132,9 +132,7 @@ def test_kandinsky_decoder_names_its_local_prior(family: str, built: dict[str, p
 
 def _through_load_model(family: str, path: pathlib.Path) -> tuple[Any, Task]:
     """The project's loader; its first task, and that task's pipeline."""
-    model = load_model(
-        ModelSpec(family, str(path)), device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False
-    )
+    model = load_model(ModelSpec(family, str(path)), dtype=torch.float32, allow_pickle=False)
     task = next(iter(model.tasks))
     return model.tasks[task].pipe, task
 
