@@ -608,7 +608,7 @@ def rich_error(
         (grpc.StatusCode.RESOURCE_EXHAUSTED, autopipeline.ResourceExhaustedError),
         (grpc.StatusCode.UNAVAILABLE, autopipeline.UnavailableError),
         (grpc.StatusCode.DEADLINE_EXCEEDED, autopipeline.DeadlineExceededError),
-        (grpc.StatusCode.CANCELLED, autopipeline.CancelledError),
+        (grpc.StatusCode.CANCELLED, autopipeline.GenerationCancelledError),
         (grpc.StatusCode.UNAUTHENTICATED, autopipeline.UnauthenticatedError),
         (grpc.StatusCode.PERMISSION_DENIED, autopipeline.PermissionDeniedError),
         (grpc.StatusCode.INTERNAL, autopipeline.InternalError),

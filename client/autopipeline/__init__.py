@@ -12,10 +12,10 @@ from autopipeline._client import AsyncClient, Client
 from autopipeline._credentials import tls_credentials
 from autopipeline._errors import (
     AutoPipelineError,
-    CancelledError,
     DeadlineExceededError,
     FailedPreconditionError,
     FieldViolation,
+    GenerationCancelledError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
@@ -51,7 +51,6 @@ from autopipeline._types import (
 __all__ = [
     "AsyncClient",
     "AutoPipelineError",
-    "CancelledError",
     "Client",
     "Completed",
     "DeadlineExceededError",
@@ -59,6 +58,7 @@ __all__ = [
     "FailedPreconditionError",
     "FieldViolation",
     "GeneratedImage",
+    "GenerationCancelledError",
     "GenerationResult",
     "ImageFormat",
     "ImageInput",
