@@ -706,6 +706,8 @@ def test_server_info_as_table_and_json() -> None:
     assert "schedulers: PNDMScheduler (default), DDIMScheduler" in table
     assert "parameters: eta, ip_adapter_image" in table
     assert "limits:   2048x2048 px, 500 steps, 16 images" in table
+    assert "16,777,216 px, requests of 64 MiB" in table
+    assert max(len(line) for line in table.splitlines()) <= 100
     assert "queue:    64 waiting at most; batching off" in table
     assert "reason:  no weights" in table
     plain = json.loads(json.dumps(_plain(info)))

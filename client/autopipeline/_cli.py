@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -350,10 +351,13 @@ def format_server_info(info: ServerInfo) -> str:
     lines = [
         f"server {info.version} on {info.device} (diffusers {info.diffusers_version}, "
         f"torch {info.torch_version}); queue {info.queue_depth}, running {info.running}",
-        f"limits:   {limits.max_width}x{limits.max_height} px, {limits.max_num_inference_steps} steps, "
-        f"{limits.max_num_images} images, prompts of {limits.max_prompt_length} chars, "
-        f"{limits.max_parameters} parameters, inputs of {limits.max_input_pixels} px, "
-        f"requests of {limits.max_request_bytes / 2**20:g} MiB",
+        *_wrapped(
+            "limits:   ",
+            f"{limits.max_width}x{limits.max_height} px, {limits.max_num_inference_steps} steps, "
+            f"{limits.max_num_images} images, prompts of {limits.max_prompt_length} chars, "
+            f"{limits.max_parameters} parameters, inputs of {limits.max_input_pixels:,} px, "
+            f"requests of {limits.max_request_bytes / 2**20:g} MiB",
+        ),
         f"queue:    {limits.max_queue} waiting at most; batching {batching}",
     ]
     for model in info.models:
@@ -374,11 +378,19 @@ def format_server_info(info: ServerInfo) -> str:
             )
             others = [name for name in task.schedulers if name != task.default_scheduler]
             schedulers = ", ".join([f"{task.default_scheduler} (default)", *others])
-            lines.append(f"  {'':<{width}}    schedulers: {schedulers}")
+            lines.extend(_wrapped("    schedulers: ", schedulers))
             if task.parameters:
                 names = ", ".join(parameter.name for parameter in task.parameters)
-                lines.append(f"  {'':<{width}}    parameters: {names}")
+                lines.extend(_wrapped("    parameters: ", names))
     return "\n".join(lines)
+
+
+def _wrapped(label: str, text: str) -> list[str]:
+    """``label`` then ``text``, wrapped at commas to 100 columns, continued under the text's start."""
+    indent = " " * len(label)
+    return textwrap.wrap(
+        text, width=100, initial_indent=label, subsequent_indent=indent, break_long_words=False
+    )
 
 
 def _print_error(err: AutoPipelineError, target: str) -> None:
