@@ -1031,6 +1031,10 @@ class ScriptedServicer(pb_grpc.AutoPipelineServiceServicer):
         self.ended = threading.Event()
         # When set, each Generate waits here until as many calls are in flight as the barrier's parties.
         self.gate: threading.Barrier | None = None
+        # Generate calls with these prompts end with the status at once (after the gate).
+        self.fail_prompts: dict[str, status_pb2.Status] = {}
+        # Set when a held call ended because its caller went away.
+        self.saw_cancel = threading.Event()
 
     def _record(self, request: Any, context: grpc.ServicerContext) -> None:
         self.requests.append(request)
@@ -1048,9 +1052,13 @@ class ScriptedServicer(pb_grpc.AutoPipelineServiceServicer):
         try:
             if self.gate is not None:
                 self.gate.wait(timeout=30)
+            if request.prompt in self.fail_prompts:
+                context.abort_with_status(rpc_status.to_status(self.fail_prompts[request.prompt]))
             yield from self.responses
             while self.hold and context.is_active():
                 time.sleep(0.01)
+            if not context.is_active():
+                self.saw_cancel.set()
             self._finish(context)
         finally:
             self.ended.set()
@@ -1286,16 +1294,22 @@ def test_async_client_cancels_the_other_prompts_when_one_fails(
     scripted: tuple[ScriptedServicer, str],
 ) -> None:
     servicer, target = scripted
-    servicer.hold = True
+    # Both calls reach the server; "bad" then fails while "good" is held open.
+    servicer.responses, servicer.hold = good_stream()[:2], True
+    servicer.gate = threading.Barrier(2)
+    servicer.fail_prompts = {"bad": invalid_width_status()}
 
     async def scenario() -> None:
         async with autopipeline.AsyncClient(target) as client:
-            with pytest.raises(TypeError):
-                # The second prompt is no string: nothing is sent at all.
-                await client.generate(["a", None])  # type: ignore[list-item]
-            assert servicer.requests == []
+            with pytest.raises(autopipeline.InvalidArgumentError):
+                await client.generate(["good", "bad"])
+            assert await asyncio.to_thread(servicer.saw_cancel.wait, 5), "the good call was not cancelled"
 
     asyncio.run(scenario())
+    with pytest.raises(TypeError), autopipeline.Client(target) as client:
+        # A list with a non-string fails before anything is sent.
+        client.generate(["a", None])  # type: ignore[list-item]
+    assert sorted(request.prompt for request in servicer.requests) == ["bad", "good"]
 
 
 def test_cli_generate_writes_images(
