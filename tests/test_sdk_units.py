@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import pathlib
@@ -36,9 +35,18 @@ from autopipeline import (
     Queued,
     Started,
     Task,
+    Timings,
 )
-from autopipeline._cli import ProgressLine, _plain, build_parser, format_server_info, main, parse_param
-from autopipeline._convert import EventReader, ResultCollector, generate_call, inspect_request, server_info
+from autopipeline._cli import ProgressDisplay, _plain, build_parser, format_server_info, main, parse_param
+from autopipeline._client import channel_options
+from autopipeline._convert import (
+    EventReader,
+    ResultCollector,
+    combine,
+    generate_call,
+    inspect_request,
+    server_info,
+)
 from autopipeline._errors import from_rpc_error
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
@@ -118,7 +126,7 @@ def read_all(responses: Iterable[pb.GenerateResponse]) -> list[Any]:
 
 def test_request_defaults_leave_optional_fields_unset() -> None:
     call = generate_call("a red cube")
-    request = call.request
+    (request,) = call.requests
     assert call.timeout is None
     assert request.prompt == "a red cube"
     assert request.task == pb.TASK_TEXT_TO_IMAGE
@@ -154,7 +162,7 @@ def test_request_sets_every_field(tmp_path: pathlib.Path) -> None:
         parameters={"eta": 0.5},
         timeout=12.5,
     )
-    request = call.request
+    (request,) = call.requests
     assert call.timeout == 12.5
     assert (request.model, request.task, request.prompt, request.negative_prompt) == (
         "sdxl",
@@ -179,7 +187,7 @@ def test_request_sets_every_field(tmp_path: pathlib.Path) -> None:
 @pytest.mark.parametrize("name", OPTIONAL_SCALARS)
 def test_optional_scalar_zero_is_sent(name: str) -> None:
     # Zero is a value the caller chose, unlike None; `optional` lets the server tell them apart.
-    request = generate_call("x", **{name: 0}).request
+    request = generate_call("x", **{name: 0}).requests[0]
     assert request.HasField(name)
     others = [other for other in OPTIONAL_SCALARS if other != name]
     assert not any(request.HasField(other) for other in others)
@@ -187,7 +195,7 @@ def test_optional_scalar_zero_is_sent(name: str) -> None:
 
 def test_pil_image_is_sent_as_png() -> None:
     image = PIL.Image.new("RGB", (16, 8), (1, 2, 3))
-    request = generate_call("x", task="image-to-image", image=image).request
+    request = generate_call("x", task="image-to-image", image=image).requests[0]
     assert request.image.mime_type == "image/png"
     decoded = PIL.Image.open(io.BytesIO(request.image.data))
     assert (decoded.format, decoded.size, decoded.getpixel((0, 0))) == ("PNG", (16, 8), (1, 2, 3))
@@ -197,7 +205,7 @@ def test_bytes_and_paths_are_sent_unchanged(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "in.png"
     path.write_bytes(png((9, 9, 9)))
     for value in (path.read_bytes(), path, str(path)):
-        image = generate_call("x", task="image-to-image", image=value).request.image
+        image = generate_call("x", task="image-to-image", image=value).requests[0].image
         # The server sniffs the format; the SDK does not claim a media type it did not check.
         assert (image.data, image.mime_type) == (path.read_bytes(), "")
 
@@ -222,7 +230,7 @@ def test_image_of_wrong_type_is_a_type_error() -> None:
     ],
 )
 def test_task_accepts_enum_or_value(task: Task | str, expected: int) -> None:
-    assert generate_call("x", task=task).request.task == expected
+    assert generate_call("x", task=task).requests[0].task == expected
 
 
 @pytest.mark.parametrize(
@@ -230,7 +238,7 @@ def test_task_accepts_enum_or_value(task: Task | str, expected: int) -> None:
     [("png", pb.IMAGE_FORMAT_PNG), ("jpeg", pb.IMAGE_FORMAT_JPEG), (ImageFormat.WEBP, pb.IMAGE_FORMAT_WEBP)],
 )
 def test_output_format_accepts_enum_or_value(output_format: ImageFormat | str, expected: int) -> None:
-    assert generate_call("x", output_format=output_format).request.output_format == expected
+    assert generate_call("x", output_format=output_format).requests[0].output_format == expected
 
 
 def test_unknown_enum_value_names_the_choices() -> None:
@@ -254,7 +262,7 @@ def test_parameters_become_a_struct() -> None:
         "list": [1, "a"],
         "nested": {"k": "v"},
     }
-    struct = generate_call("x", parameters=parameters).request.parameters
+    struct = generate_call("x", parameters=parameters).requests[0].parameters
     assert struct.fields["eta"].number_value == 0.5
     assert struct.fields["clip_skip"].number_value == 2
     assert struct.fields["flag"].bool_value is True
@@ -269,6 +277,53 @@ def test_parameters_become_a_struct() -> None:
 def test_parameters_that_json_cannot_express_are_a_type_error() -> None:
     with pytest.raises(TypeError, match="JSON-like values"):
         generate_call("x", parameters={"latents": object()})
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        pytest.param({}, pb.TASK_TEXT_TO_IMAGE, id="no-image"),
+        pytest.param({"image": b"i"}, pb.TASK_IMAGE_TO_IMAGE, id="image"),
+        pytest.param({"image": b"i", "mask_image": b"m"}, pb.TASK_INPAINTING, id="image-and-mask"),
+        pytest.param({"task": "text-to-image", "image": b"i"}, pb.TASK_TEXT_TO_IMAGE, id="explicit-wins"),
+        pytest.param(
+            {"task": Task.IMAGE_TO_IMAGE, "image": b"i", "mask_image": b"m"},
+            pb.TASK_IMAGE_TO_IMAGE,
+            id="explicit-wins-over-mask",
+        ),
+    ],
+)
+def test_task_is_inferred_from_the_inputs_unless_given(inputs: dict[str, Any], expected: int) -> None:
+    assert generate_call("x", **inputs).requests[0].task == expected
+
+
+@pytest.mark.parametrize("task", [None, "inpainting", "text-to-image"])
+def test_mask_without_image_is_a_value_error(task: str | None) -> None:
+    with pytest.raises(ValueError, match="mask_image was given without image"):
+        generate_call("x", task=task, mask_image=b"m")
+
+
+def test_prompt_list_is_one_request_per_prompt_with_following_seeds() -> None:
+    call = generate_call(["a cat", "a dog", "a cow"], num_images=2, seed=10, width=512, image=b"i")
+    assert [request.prompt for request in call.requests] == ["a cat", "a dog", "a cow"]
+    assert [request.seed for request in call.requests] == [10, 12, 14]
+    for request in call.requests:
+        assert (request.num_images, request.width, request.task, request.image.data) == (
+            2,
+            512,
+            pb.TASK_IMAGE_TO_IMAGE,
+            b"i",
+        )
+    # num_images 0 is 1 on the wire, and seeds step by one image.
+    assert [r.seed for r in generate_call(("a", "b"), num_images=0, seed=3).requests] == [3, 4]
+    assert not any(request.HasField("seed") for request in generate_call(["a", "b"]).requests)
+
+
+def test_prompt_list_must_hold_strings() -> None:
+    with pytest.raises(ValueError, match="empty list"):
+        generate_call([])
+    with pytest.raises(TypeError, match="list of strings"):
+        generate_call(["a", 1])  # type: ignore[list-item]
 
 
 def test_inspect_request() -> None:
@@ -354,18 +409,71 @@ def test_stream_without_completed_is_a_protocol_error() -> None:
         read_all([started()])
 
 
+def encoded(format: str, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.new(mode, (8, 8), (200, 40, 40, 255)[: len(mode)]).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def generated(data: bytes, mime_type: str = "image/png") -> GeneratedImage:
+    return GeneratedImage(index=0, seed=1, width=8, height=8, data=data, mime_type=mime_type)
+
+
 def test_generated_image_decodes_lazily_and_saves_bytes(tmp_path: pathlib.Path) -> None:
-    image = GeneratedImage(index=0, seed=1, width=8, height=8, data=png(), mime_type="image/png")
+    image = generated(png())
     assert "data" not in repr(image)
     assert image.image is image.image  # decoded once
     assert image.image.size == (8, 8)
     image.save(tmp_path / "out.png")
-    assert (tmp_path / "out.png").read_bytes() == png()
+    image.save(tmp_path / "OUT.PNG")
+    assert (tmp_path / "out.png").read_bytes() == (tmp_path / "OUT.PNG").read_bytes() == png()
+
+
+@pytest.mark.parametrize(
+    ("data", "mime_type", "name"),
+    [
+        (encoded("JPEG"), "image/jpeg", "out.jpg"),
+        (encoded("JPEG"), "image/jpeg", "out.jpeg"),
+        (encoded("WEBP"), "image/webp", "out.webp"),
+    ],
+)
+def test_saving_under_the_received_format_writes_the_bytes(
+    data: bytes, mime_type: str, name: str, tmp_path: pathlib.Path
+) -> None:
+    generated(data, mime_type).save(tmp_path / name)
+    assert (tmp_path / name).read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "written_format"),
+    [
+        (png(), "out.jpg", "JPEG"),
+        (encoded("PNG", "RGBA"), "out.jpeg", "JPEG"),  # no alpha in JPEG: dropped, not an error
+        (png(), "out.webp", "WEBP"),
+        (encoded("WEBP"), "out.png", "PNG"),
+        (png(), "out.gif", "GIF"),
+    ],
+)
+def test_saving_under_another_extension_reencodes(
+    data: bytes, name: str, written_format: str, tmp_path: pathlib.Path
+) -> None:
+    image = generated(data, "")  # no media type: the format is read from the bytes
+    image.save(tmp_path / name)
+    with PIL.Image.open(tmp_path / name) as written:
+        assert (written.format, written.size) == (written_format, (8, 8))
+        assert written.convert("RGB").getpixel((4, 4))[0] > 150
+
+
+@pytest.mark.parametrize("name", ["out", "out.xyz", "out.png.txt"])
+def test_saving_under_an_unknown_extension_is_a_value_error(name: str, tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ValueError, match="cannot tell which image format"):
+        generated(png()).save(tmp_path / name)
+    assert not (tmp_path / name).exists()
 
 
 def test_generated_image_with_bad_bytes_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
-        _ = GeneratedImage(index=0, seed=1, width=8, height=8, data=b"junk", mime_type="image/png").image
+        _ = generated(b"junk").image
 
 
 # ------------------------------------------------------------------------------- chunk reassembly
@@ -423,29 +531,68 @@ def test_broken_chunking_is_a_protocol_error(responses: list[pb.GenerateResponse
 # ------------------------------------------------------------------------------- results
 
 
-def test_result_collects_a_stream() -> None:
-    collector = ResultCollector()
-    for event in read_all(
-        [started(seeds=[7, 8]), chunk(1, 0, 1, png((0, 0, 9))), chunk(0, 0, 1, png()), completed(2)]
-    ):
+def collect(responses: list[pb.GenerateResponse], prompt: str = "p") -> autopipeline.GenerationResult:
+    collector = ResultCollector(prompt)
+    for event in read_all(responses):
         collector.add(event)
-    result = collector.result()
-    assert [image.index for image in result.images] == [0, 1]
+    return collector.result()
+
+
+def test_result_collects_a_stream() -> None:
+    result = collect(
+        [started(seeds=[7, 8]), chunk(1, 0, 1, png((0, 0, 9))), chunk(0, 0, 1, png()), completed(2)],
+        prompt="a red cube",
+    )
+    assert [output.index for output in result.outputs] == [0, 1]
     assert result.seeds == (7, 8)
     assert result.timings.total == 1.875
     assert result.parameters["num_inference_steps"] == 3
-    assert [image.getpixel((0, 0)) for image in result.pil_images] == [(200, 40, 40), (0, 0, 9)]
+    assert [summary.prompt for summary in result.requests] == ["a red cube"]
+    assert result.started.seeds == (7, 8)
+    assert result.completed.num_images == 2
+
+
+def test_result_images_are_pil_images_as_in_diffusers() -> None:
+    result = collect(
+        [started(seeds=[7, 8]), chunk(0, 0, 1, png()), chunk(1, 0, 1, png((0, 0, 9))), completed(2)]
+    )
+    assert all(type(image) is not GeneratedImage for image in result.images)
+    assert all(isinstance(image, PIL.Image.Image) for image in result.images)
+    assert [image.getpixel((0, 0)) for image in result.images] == [(200, 40, 40), (0, 0, 9)]
+    # The same decoded objects as the outputs', decoded once.
+    assert [output.image for output in result.outputs] == result.images
+    assert result.images[0] is result.outputs[0].image
+
+
+def test_combined_results_run_prompt_by_prompt() -> None:
+    def request(first_seed: int) -> list[pb.GenerateResponse]:
+        images = [chunk(index, 0, 1, png(), seed=first_seed) for index in (0, 1)]
+        return [started(seeds=[first_seed, first_seed + 1]), *images, completed(2)]
+
+    first, second = collect(request(7), "a"), collect(request(9), "b")
+    result = combine([first, second])
+    assert [(o.index, o.prompt_index, o.seed) for o in result.outputs] == [
+        (0, 0, 7),
+        (1, 0, 8),
+        (2, 1, 9),
+        (3, 1, 10),
+    ]
+    assert result.seeds == (7, 8, 9, 10)
+    assert [summary.prompt for summary in result.requests] == ["a", "b"]
+    assert result.started is first.started
+    assert len(result.images) == 4
+    assert combine([first]) is first
 
 
 def test_result_without_started_is_a_protocol_error() -> None:
-    collector = ResultCollector()
+    collector = ResultCollector("p")
     collector.add(read_all([completed(num_images=0)])[0])
     with pytest.raises(ProtocolError, match="without a `started`"):
         collector.result()
 
 
 def test_result_with_missing_images_is_a_protocol_error() -> None:
-    collector = ResultCollector()
+    collector = ResultCollector("p")
     for event in read_all([started(), completed(num_images=1)]):
         collector.add(event)
     with pytest.raises(ProtocolError, match="reports 1 images; the stream sent 0"):
@@ -561,7 +708,13 @@ def test_server_info_as_table_and_json() -> None:
     assert "server 0.1.0 on cpu (diffusers 0.42.0, torch 2.13.0)" in table
     assert "tiny (default): ready" in table
     assert "memory:  3.0 MiB" in table
-    assert "text-to-image  StableDiffusionPipeline" in table
+    assert "text-to-image  StableDiffusionPipeline (default 64x64, previews)" in table
+    assert "schedulers: PNDMScheduler (default), DDIMScheduler" in table
+    assert "parameters: eta, prompt_2" in table
+    assert "limits:   2048x2048 px, 500 steps, 16 images" in table
+    assert "16,777,216 px, requests of 64 MiB" in table
+    assert max(len(line) for line in table.splitlines()) <= 100
+    assert "queue:    64 waiting at most; batching off" in table
     assert "reason:  no weights" in table
     plain = json.loads(json.dumps(_plain(info)))
     assert plain["models"][0]["state"] == "ready"
@@ -614,7 +767,7 @@ def rich_error(
         (grpc.StatusCode.RESOURCE_EXHAUSTED, autopipeline.ResourceExhaustedError),
         (grpc.StatusCode.UNAVAILABLE, autopipeline.UnavailableError),
         (grpc.StatusCode.DEADLINE_EXCEEDED, autopipeline.DeadlineExceededError),
-        (grpc.StatusCode.CANCELLED, autopipeline.CancelledError),
+        (grpc.StatusCode.CANCELLED, autopipeline.GenerationCancelledError),
         (grpc.StatusCode.UNAUTHENTICATED, autopipeline.UnauthenticatedError),
         (grpc.StatusCode.PERMISSION_DENIED, autopipeline.PermissionDeniedError),
         (grpc.StatusCode.INTERNAL, autopipeline.InternalError),
@@ -789,6 +942,8 @@ def test_target_defaults_to_environment(monkeypatch: pytest.MonkeyPatch) -> None
         (["generate", "--prompt", "x", "--param", "novalue"], "expected NAME=VALUE"),
         (["generate", "--prompt", "x", "--num-images", "2", "-o", "one.png"], "names one file"),
         (["generate", "--prompt", "x", "--format", "png", "-o", "one.jpg"], "implies --format jpeg"),
+        (["generate", "--prompt", "x", "-o", "never-created.gif"], "not .gif; give one of those"),
+        (["generate", "--prompt", "x", "-o", "never-created.TIFF"], "not .TIFF"),
         (["--tls-cert", "c.pem", "inspect"], "--tls-cert and --tls-key go together"),
         ([], "required"),
     ],
@@ -798,36 +953,54 @@ def test_usage_errors_exit_2(argv: list[str], message: str, capsys: pytest.Captu
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+    assert not pathlib.Path("never-created.gif").exists()
 
 
-def test_progress_line_prints_one_line_per_phase_when_not_a_terminal() -> None:
+def test_progress_prints_plain_lines_when_not_a_terminal() -> None:
     stream = io.StringIO()
-    progress = ProgressLine(stream)
-    steps = [pb.GenerateResponse(progress=pb.Progress(step=step, total_steps=3)) for step in (1, 2, 3)]
-    events = read_all([started(), *steps, completed(0)])
-    for event in events:
+    progress = ProgressDisplay(stream)
+    steps = [
+        pb.GenerateResponse(progress=pb.Progress(step=step, total_steps=20, elapsed=duration(step / 4)))
+        for step in range(1, 21)
+    ]
+    queued = [pb.GenerateResponse(queued=pb.Queued(position=p, queue_depth=3)) for p in (1, 1, 0)]
+    for event in read_all([*queued, started(), *steps, chunk(0, 0, 1, png()), completed(1)]):
         progress.update(event)
     progress.close()
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 3
-    assert lines[0].startswith("started: StableDiffusionPipeline")
-    assert lines[1].startswith("[##########--------------------] 1/3 steps")
-    assert lines[2].startswith("completed in 1.88s")
+    # 1-based for people: position 0 on the wire runs next, "position 1 of 3".
+    assert lines[:3] == ["queued: position 2 of 3", "queued: position 1 of 3", lines[2]]
+    assert lines[2].startswith("started: StableDiffusionPipeline")
+    step_lines = lines[3:-2]
+    # The first step, then one line per tenth of the way.
+    assert [line.split(" in ")[0] for line in step_lines] == [f"step {n}/20" for n in (1, *range(2, 21, 2))]
+    assert step_lines[1] == "step 2/20 in 0.5s (4.00 steps/s, about 4.5s left)"
+    assert step_lines[-1] == "step 20/20 in 5.0s (4.00 steps/s, about 0.0s left)"
+    assert lines[-2:] == ["received image 0 (seed 7)", "completed in 1.88s"]
+    assert "\r" not in stream.getvalue()
 
 
-def test_progress_line_rewrites_one_line_on_a_terminal() -> None:
+def test_progress_is_a_tqdm_bar_on_a_terminal() -> None:
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
 
     stream = Terminal()
-    progress = ProgressLine(stream)
+    progress = ProgressDisplay(stream)
+    progress.update(Queued(position=0, queue_depth=1))
     for step in (1, 2, 3):
         progress.update(Progress(step=step, total_steps=3, elapsed=0.1 * step))
+    progress.update(Completed(Timings(0, 0, 0, 0.5), {}, "m", "P", 0))
     progress.close()
     text = stream.getvalue()
-    assert text.count("\r") == 3
-    assert text.endswith("3/3 steps, 0.3s\n")
+    assert text.startswith("queued: position 1 of 1\n")
+    assert "\r" in text  # redrawn in place
+    last_bar = text.split("\r")[-1]
+    # tqdm's own bar: steps done of total, elapsed<remaining, and the rate in steps per second.
+    assert "denoising: 100%" in last_bar
+    assert "3/3 [" in last_bar
+    assert "step/s]" in last_bar
+    assert last_bar.endswith("\ncompleted in 0.50s\n")
 
 
 # ------------------------------------------------------------------------------- packaging
@@ -862,6 +1035,12 @@ class ScriptedServicer(pb_grpc.AutoPipelineServiceServicer):
         self.metadata: list[dict[str, Any]] = []
         self.time_remaining: list[float | None] = []
         self.ended = threading.Event()
+        # When set, each Generate waits here until as many calls are in flight as the barrier's parties.
+        self.gate: threading.Barrier | None = None
+        # Generate calls with these prompts end with the status at once (after the gate).
+        self.fail_prompts: dict[str, status_pb2.Status] = {}
+        # Set when a held call ended because its caller went away.
+        self.saw_cancel = threading.Event()
 
     def _record(self, request: Any, context: grpc.ServicerContext) -> None:
         self.requests.append(request)
@@ -877,9 +1056,15 @@ class ScriptedServicer(pb_grpc.AutoPipelineServiceServicer):
     ) -> Iterator[pb.GenerateResponse]:
         self._record(request, context)
         try:
+            if self.gate is not None:
+                self.gate.wait(timeout=30)
+            if request.prompt in self.fail_prompts:
+                context.abort_with_status(rpc_status.to_status(self.fail_prompts[request.prompt]))
             yield from self.responses
             while self.hold and context.is_active():
                 time.sleep(0.01)
+            if not context.is_active():
+                self.saw_cancel.set()
             self._finish(context)
         finally:
             self.ended.set()
@@ -945,7 +1130,7 @@ def test_client_generate_sends_the_request_and_returns_the_result(
     # The client's timeout, then the call's own (gRPC rounds deadlines up a little).
     assert servicer.time_remaining == [pytest.approx(30, abs=2), pytest.approx(300, abs=2)]
     assert result.seeds == (7, 8)
-    assert [image.data for image in result.images] == [png(size=(16, 16))] * 2
+    assert [output.data for output in result.outputs] == [png(size=(16, 16))] * 2
 
 
 def test_client_stream_yields_typed_events(scripted: tuple[ScriptedServicer, str]) -> None:
@@ -956,14 +1141,59 @@ def test_client_stream_yields_typed_events(scripted: tuple[ScriptedServicer, str
     assert kinds == [Queued, Started, Progress, GeneratedImage, Completed]
 
 
-def test_leaving_a_stream_cancels_the_call(scripted: tuple[ScriptedServicer, str]) -> None:
+def test_leaving_a_stream_block_cancels_the_call(scripted: tuple[ScriptedServicer, str]) -> None:
     servicer, target = scripted
     servicer.responses, servicer.hold = good_stream()[:2], True
     with autopipeline.Client(target) as client:
-        for event in client.stream("x"):
-            if isinstance(event, Started):
-                break
+        with client.stream("x") as events:
+            assert isinstance(events, autopipeline.EventStream)
+            for event in events:
+                if isinstance(event, Started):
+                    break
         assert servicer.ended.wait(5), "the server never saw the call end"
+        # Closed, the stream yields nothing more.
+        assert list(events) == []
+
+
+def test_stream_takes_one_prompt(scripted: tuple[ScriptedServicer, str]) -> None:
+    _, target = scripted
+    with autopipeline.Client(target) as client, pytest.raises(TypeError, match="one prompt"):
+        client.stream(["a", "b"])
+
+
+def test_generate_runs_a_request_per_prompt_in_order(scripted: tuple[ScriptedServicer, str]) -> None:
+    servicer, target = scripted
+    servicer.responses = good_stream(num_images=2)
+    with autopipeline.Client(target) as client:
+        result = client.generate(["a cat", "a dog"], num_images=2, seed=7)
+    assert [(request.prompt, request.seed) for request in servicer.requests] == [("a cat", 7), ("a dog", 9)]
+    assert [(output.index, output.prompt_index) for output in result.outputs] == [
+        (0, 0),
+        (1, 0),
+        (2, 1),
+        (3, 1),
+    ]
+    assert [summary.prompt for summary in result.requests] == ["a cat", "a dog"]
+    assert len(result.images) == 4
+
+
+def test_channel_options_choose_round_robin_unless_the_caller_chose() -> None:
+    (option,) = channel_options([])
+    assert option[0] == "grpc.service_config"
+    assert json.loads(option[1]) == {"loadBalancingConfig": [{"round_robin": {}}]}
+    mine = [("grpc.max_receive_message_length", 1 << 20)]
+    assert channel_options(mine) == [*mine, option]
+    for name in ("grpc.lb_policy_name", "grpc.service_config"):
+        assert channel_options([(name, "pick_first")]) == [(name, "pick_first")]
+
+
+@pytest.mark.parametrize("target", ["ipv4:127.0.0.1:{port},127.0.0.1:{port}", "dns:///127.0.0.1:{port}"])
+def test_client_accepts_multi_address_targets(scripted: tuple[ScriptedServicer, str], target: str) -> None:
+    servicer, address = scripted
+    servicer.responses = good_stream(num_images=1)
+    port = address.rsplit(":", 1)[1]
+    with autopipeline.Client(target.format(port=port)) as client:
+        assert len(client.generate("x").images) == 1
 
 
 def test_client_raises_mapped_errors_from_the_original(scripted: tuple[ScriptedServicer, str]) -> None:
@@ -1025,11 +1255,14 @@ def test_async_client_mirrors_the_client(scripted: tuple[ScriptedServicer, str])
             assert (await client.inspect()).default_model == "tiny"
 
             servicer.responses, servicer.hold = good_stream()[:2], True
-            async with contextlib.aclosing(client.stream("x")) as events:
+            async with client.stream("x") as events:
+                assert isinstance(events, autopipeline.AsyncEventStream)
                 async for event in events:
                     if isinstance(event, Started):
                         break
             assert await asyncio.to_thread(servicer.ended.wait, 5)
+            with pytest.raises(TypeError, match="one prompt"):
+                client.stream(["a", "b"])
 
             servicer.responses, servicer.hold, servicer.status = [], False, invalid_width_status()
             with pytest.raises(autopipeline.InvalidArgumentError) as caught:
@@ -1039,6 +1272,50 @@ def test_async_client_mirrors_the_client(scripted: tuple[ScriptedServicer, str])
 
     asyncio.run(scenario())
     assert all(metadata["authorization"] == "Bearer t" for metadata in servicer.metadata)
+
+
+def test_async_client_runs_the_prompts_of_a_list_concurrently(
+    scripted: tuple[ScriptedServicer, str],
+) -> None:
+    servicer, target = scripted
+    servicer.responses = good_stream(num_images=1)
+    # Each call waits until all three are in flight at once: only concurrent requests get through.
+    servicer.gate = threading.Barrier(3)
+
+    async def scenario() -> autopipeline.GenerationResult:
+        async with autopipeline.AsyncClient(target) as client:
+            return await client.generate(["a", "b", "c"], seed=5)
+
+    result = asyncio.run(scenario())
+    assert sorted((request.prompt, request.seed) for request in servicer.requests) == [
+        ("a", 5),
+        ("b", 6),
+        ("c", 7),
+    ]
+    assert [summary.prompt for summary in result.requests] == ["a", "b", "c"]
+    assert [(output.index, output.prompt_index) for output in result.outputs] == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_async_client_cancels_the_other_prompts_when_one_fails(
+    scripted: tuple[ScriptedServicer, str],
+) -> None:
+    servicer, target = scripted
+    # Both calls reach the server; "bad" then fails while "good" is held open.
+    servicer.responses, servicer.hold = good_stream()[:2], True
+    servicer.gate = threading.Barrier(2)
+    servicer.fail_prompts = {"bad": invalid_width_status()}
+
+    async def scenario() -> None:
+        async with autopipeline.AsyncClient(target) as client:
+            with pytest.raises(autopipeline.InvalidArgumentError):
+                await client.generate(["good", "bad"])
+            assert await asyncio.to_thread(servicer.saw_cancel.wait, 5), "the good call was not cancelled"
+
+    asyncio.run(scenario())
+    with pytest.raises(TypeError), autopipeline.Client(target) as client:
+        # A list with a non-string fails before anything is sent.
+        client.generate(["a", None])  # type: ignore[list-item]
+    assert sorted(request.prompt for request in servicer.requests) == ["bad", "good"]
 
 
 def test_cli_generate_writes_images(
@@ -1096,10 +1373,27 @@ def test_cli_reports_errors(
     ]
 
 
-def test_cli_reports_unreadable_files(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("flag", ["--image", "--mask"])
+def test_cli_names_a_missing_input_file(
+    flag: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     missing = tmp_path / "missing.png"
-    assert main(["--target", "127.0.0.1:1", "generate", "--prompt", "x", "--image", str(missing)]) == 1
-    assert capsys.readouterr().err.startswith("error: [Errno 2]")
+    present = tmp_path / "present.png"
+    present.write_bytes(png())
+    other = "--mask" if flag == "--image" else "--image"
+    argv = ["--target", "127.0.0.1:1", "generate", "--prompt", "x", flag, str(missing), other, str(present)]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"error: {flag} {missing}: No such file or directory\n"
+
+
+def test_cli_connection_failure_asks_whether_the_server_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Nothing listens on port 1; the default retries end after well under a second.
+    assert main(["--target", "127.0.0.1:1", "inspect"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("error: UNAVAILABLE: ")
+    assert lines[1:] == ["  is the server running at 127.0.0.1:1?"]
 
 
 def test_cli_inspect(scripted: tuple[ScriptedServicer, str], capsys: pytest.CaptureFixture[str]) -> None:

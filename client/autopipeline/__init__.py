@@ -3,19 +3,22 @@
 Example:
     >>> from autopipeline import Client
     >>> with Client("localhost:50051") as client:
-    ...     client.generate("a lighthouse at dawn", seed=1).images[0].save("lighthouse.png")
+    ...     result = client.generate("a lighthouse at dawn", seed=1)
+    ...     result.images[0].save("lighthouse.png")  # a PIL image, as `pipe(...).images[0]` in diffusers
+    ...     result.outputs[0].seed
+    1
 """
 
 from __future__ import annotations
 
-from autopipeline._client import AsyncClient, Client
+from autopipeline._client import AsyncClient, AsyncEventStream, Client, EventStream
 from autopipeline._credentials import tls_credentials
 from autopipeline._errors import (
     AutoPipelineError,
-    CancelledError,
     DeadlineExceededError,
     FailedPreconditionError,
     FieldViolation,
+    GenerationCancelledError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
@@ -40,6 +43,7 @@ from autopipeline._types import (
     Preview,
     Progress,
     Queued,
+    RequestSummary,
     ServerInfo,
     ServerStats,
     Started,
@@ -50,15 +54,17 @@ from autopipeline._types import (
 
 __all__ = [
     "AsyncClient",
+    "AsyncEventStream",
     "AutoPipelineError",
-    "CancelledError",
     "Client",
     "Completed",
     "DeadlineExceededError",
     "Event",
+    "EventStream",
     "FailedPreconditionError",
     "FieldViolation",
     "GeneratedImage",
+    "GenerationCancelledError",
     "GenerationResult",
     "ImageFormat",
     "ImageInput",
@@ -74,6 +80,7 @@ __all__ = [
     "Progress",
     "ProtocolError",
     "Queued",
+    "RequestSummary",
     "ResourceExhaustedError",
     "RetryPolicy",
     "ServerInfo",

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import json
 import os
 import pathlib
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 import grpc
+from PIL import Image
+from tqdm import tqdm
 
 from autopipeline._client import DEFAULT_TARGET, Client
 from autopipeline._credentials import tls_credentials
-from autopipeline._errors import AutoPipelineError
+from autopipeline._errors import AutoPipelineError, UnavailableError
 from autopipeline._types import (
     Completed,
     Event,
@@ -38,7 +42,6 @@ _FORMAT_BY_SUFFIX = {
     ".webp": ImageFormat.WEBP,
 }
 _SUFFIX_BY_MIME_TYPE = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
-_BAR_WIDTH = 30
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -63,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--target",
         default=os.environ.get("AUTOPIPELINE_TARGET", DEFAULT_TARGET),
-        metavar="HOST:PORT",
-        help="the server (default: $AUTOPIPELINE_TARGET or %(default)s)",
+        metavar="TARGET",
+        help="the server as HOST:PORT, or several as dns:///NAME:PORT or ipv4:HOST:PORT,HOST:PORT "
+        "(calls are spread round-robin); default: $AUTOPIPELINE_TARGET or %(default)s",
     )
     parser.add_argument("--timeout", type=float, metavar="S", help="seconds each call may take")
     parser.add_argument("--tls", action="store_true", help="connect with TLS using the system's roots")
@@ -121,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=pathlib.Path,
         default=pathlib.Path("."),
         metavar="PATH",
-        help="a .png/.jpg/.webp file for one image, else a directory (default: .)",
+        help="a .png/.jpg/.jpeg/.webp file for one image, else a directory (default: .)",
     )
 
     inspect = commands.add_parser("inspect", help="describe the server and its models")
@@ -138,6 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if args.command == "generate":
         args.output_file, args.format = _output_file(parser, args)
+        try:
+            args.image_data = _read_input("--image", args.image)
+            args.mask_data = _read_input("--mask", args.mask)
+        except OSError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     try:
         client = Client(args.target, timeout=args.timeout, credentials=_credentials(args), token=args.token)
     except ValueError as err:
@@ -152,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 _inspect(client, args)
     except AutoPipelineError as err:
-        _print_error(err)
+        _print_error(err, args.target)
         return 1
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -176,6 +186,12 @@ def _output_file(
     output: pathlib.Path = args.output
     implied = _FORMAT_BY_SUFFIX.get(output.suffix.lower())
     if implied is None or output.is_dir():
+        if not output.is_dir() and output.suffix.lower() in Image.registered_extensions():
+            # An image name the server cannot produce, e.g. x.gif: not a directory to create.
+            parser.error(
+                f"-o {output}: the server writes {', '.join(_FORMAT_BY_SUFFIX)} files, "
+                f"not {output.suffix}; give one of those, or a directory"
+            )
         return None, args.format or ImageFormat.PNG.value
     if args.num_images != 1:
         parser.error(f"-o {output} names one file, but --num-images is {args.num_images}; give a directory")
@@ -184,23 +200,26 @@ def _output_file(
     return output, implied.value
 
 
-def _task(args: argparse.Namespace) -> str:
-    if args.task is not None:
-        return str(args.task)
-    if args.mask is not None:
-        return Task.INPAINTING.value
-    return Task.IMAGE_TO_IMAGE.value if args.image is not None else Task.TEXT_TO_IMAGE.value
+def _read_input(flag: str, path: pathlib.Path | None) -> bytes | None:
+    """The bytes of an input file, read before connecting; the error names the flag and the file."""
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise OSError(f"{flag} {path}: {err.strerror or err}") from err
 
 
 def _generate(client: Client, args: argparse.Namespace) -> None:
-    events = client.stream(
+    # No --task: the SDK infers it from the inputs (inpainting with --mask, image-to-image with --image).
+    stream = client.stream(
         args.prompt,
-        task=_task(args),
+        task=args.task,
         model=args.model,
         source=args.source,
         negative_prompt=args.negative_prompt,
-        image=args.image,
-        mask_image=args.mask,
+        image=args.image_data,
+        mask_image=args.mask_data,
         width=args.width,
         height=args.height,
         num_inference_steps=args.steps,
@@ -213,18 +232,15 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         output_quality=args.quality,
         parameters=dict(args.param),
     )
-    progress = ProgressLine(sys.stderr)
-    try:
+    progress = ProgressDisplay(sys.stderr)
+    with stream as events, contextlib.closing(progress):
         for event in events:
             progress.update(event)
             if isinstance(event, GeneratedImage):
                 path = args.output_file or _image_path(args.output, event, args.format)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 event.save(path)
-                progress.clear()
                 print(path, flush=True)
-    finally:
-        progress.close()
 
 
 def _image_path(directory: pathlib.Path, image: GeneratedImage, requested_format: str) -> pathlib.Path:
@@ -232,53 +248,74 @@ def _image_path(directory: pathlib.Path, image: GeneratedImage, requested_format
     return directory / f"image-{image.index}-seed{image.seed}.{suffix}"
 
 
-class ProgressLine:
-    """Shows a stream's progress on one terminal line, or as one line per phase when not a terminal."""
+class ProgressDisplay:
+    """Shows a stream's progress on stderr: a tqdm bar on a terminal, plain lines otherwise.
+
+    On a terminal, denoising steps drive a tqdm bar (steps, rate and ETA) and each other phase
+    prints one line. Elsewhere (a log file, a pipe), where a bar redrawn with carriage returns
+    would be one unreadable line, each phase prints one line and steps print a line per tenth of
+    the way. Queue positions are shown 1-based ("position 1 of 3" runs next).
+    """
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        # Carriage-return updates would turn a log file into one unreadable line.
         self._interactive = stream.isatty()
-        self._last_kind: type[Event] | None = None
-        self._width = 0
+        self._bar: tqdm[Any] | None = None
+        self._last_line: str | None = None
+        self._tenth = -1
 
     def update(self, event: Event) -> None:
         """Shows ``event``, if it says something about progress."""
-        text = _describe(event)
-        if text is None:
+        if isinstance(event, Progress):
+            self._progress(event)
             return
-        if self._interactive:
-            self._stream.write("\r" + text.ljust(self._width))
-            self._width = len(text)
-        elif type(event) is not self._last_kind:
-            self._stream.write(text + "\n")
-        self._last_kind = type(event)
-        self._stream.flush()
-
-    def clear(self) -> None:
-        """Blanks the terminal line, so that a line printed to stdout does not land in the middle of it."""
-        if self._interactive and self._width:
-            self._stream.write("\r" + " " * self._width + "\r")
-            self._stream.flush()
-            self._width = 0
+        # Denoising is over: the bar is finished before anything else is printed.
+        self.close()
+        text = _describe(event)
+        if text is not None and text != self._last_line:
+            self._write(text)
 
     def close(self) -> None:
-        """Ends the terminal line so that what follows starts on its own."""
-        if self._interactive and self._width:
-            self._stream.write("\n")
-            self._stream.flush()
+        """Closes the bar, if one is showing, so that what follows starts on its own line."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _progress(self, event: Progress) -> None:
+        if self._interactive:
+            if self._bar is None:
+                self._bar = tqdm(
+                    total=event.total_steps,
+                    desc="denoising",
+                    unit="step",
+                    file=self._stream,
+                    dynamic_ncols=True,
+                )
+            self._bar.update(event.step - self._bar.n)
+            return
+        total = max(event.total_steps, 1)
+        tenth = 10 * min(event.step, total) // total
+        if tenth == self._tenth:
+            return
+        self._tenth = tenth
+        rate = event.step / event.elapsed if event.elapsed > 0 else 0.0
+        left = f", about {(total - event.step) / rate:.1f}s left" if rate > 0 else ""
+        self._write(
+            f"step {event.step}/{event.total_steps} in {event.elapsed:.1f}s ({rate:.2f} steps/s{left})"
+        )
+
+    def _write(self, text: str) -> None:
+        self._last_line = text
+        self._stream.write(text + "\n")
+        self._stream.flush()
 
 
 def _describe(event: Event) -> str | None:
     if isinstance(event, Queued):
+        # The wire's (and the SDK's) position is 0-based; people count from 1.
         return f"queued: position {event.position + 1} of {event.queue_depth}"
     if isinstance(event, Started):
         return f"started: {event.pipeline_class}, {event.width}x{event.height}, {event.total_steps} steps"
-    if isinstance(event, Progress):
-        total = max(event.total_steps, 1)
-        filled = _BAR_WIDTH * min(event.step, total) // total
-        bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
-        return f"[{bar}] {event.step}/{event.total_steps} steps, {event.elapsed:.1f}s"
     if isinstance(event, GeneratedImage):
         return f"received image {event.index} (seed {event.seed})"
     if isinstance(event, Completed):
@@ -308,10 +345,24 @@ def _plain(value: Any) -> Any:
 
 
 def format_server_info(info: ServerInfo) -> str:
-    """A readable description of the server: one line for itself, a block per model."""
+    """A readable description of the server: its software and limits, then a block per model."""
+    limits = info.limits
+    batching = (
+        f"up to {info.max_batch_images} images per call, waiting {info.max_batch_delay * 1000:g} ms"
+        if info.max_batch_images > 1
+        else "off"
+    )
     lines = [
         f"server {info.version} on {info.device} (diffusers {info.diffusers_version}, "
-        f"torch {info.torch_version}); queue {info.queue_depth}, running {info.running}"
+        f"torch {info.torch_version}); queue {info.queue_depth}, running {info.running}",
+        *_wrapped(
+            "limits:   ",
+            f"{limits.max_width}x{limits.max_height} px, {limits.max_num_inference_steps} steps, "
+            f"{limits.max_num_images} images, prompts of {limits.max_prompt_length} chars, "
+            f"{limits.max_parameters} parameters, inputs of {limits.max_input_pixels:,} px, "
+            f"requests of {limits.max_request_bytes / 2**20:g} MiB",
+        ),
+        f"queue:    {limits.max_queue} waiting at most; batching {batching}",
     ]
     for model in info.models:
         default = " (default)" if model.is_default else ""
@@ -324,13 +375,34 @@ def format_server_info(info: ServerInfo) -> str:
         lines.append(f"  memory:  {model.parameter_bytes / 2**20:.1f} MiB")
         width = max((len(task.task.value) for task in model.tasks), default=0)
         for task in model.tasks:
-            lines.append(f"  {task.task.value:<{width}}  {task.pipeline_class}")
+            previews = ", previews" if task.supports_previews else ""
+            lines.append(
+                f"  {task.task.value:<{width}}  {task.pipeline_class} "
+                f"(default {task.default_width}x{task.default_height}{previews})"
+            )
+            others = [name for name in task.schedulers if name != task.default_scheduler]
+            schedulers = ", ".join([f"{task.default_scheduler} (default)", *others])
+            lines.extend(_wrapped("    schedulers: ", schedulers))
+            if task.parameters:
+                names = ", ".join(parameter.name for parameter in task.parameters)
+                lines.extend(_wrapped("    parameters: ", names))
     return "\n".join(lines)
 
 
-def _print_error(err: AutoPipelineError) -> None:
+def _wrapped(label: str, text: str) -> list[str]:
+    """``label`` then ``text``, wrapped at commas to 100 columns, continued under the text's start."""
+    indent = " " * len(label)
+    return textwrap.wrap(
+        text, width=100, initial_indent=label, subsequent_indent=indent, break_long_words=False
+    )
+
+
+def _print_error(err: AutoPipelineError, target: str) -> None:
     reason = f" ({err.reason})" if err.reason else ""
     print(f"error: {err.code}{reason}: {err.message}", file=sys.stderr)
+    if isinstance(err, UnavailableError) and err.reason is None and err.request_id is None:
+        # No server answered: UNAVAILABLE from the server itself carries a reason and a request id.
+        print(f"  is the server running at {target}?", file=sys.stderr)
     for violation in err.field_violations:
         print(f"  {violation.field}: {violation.description}", file=sys.stderr)
     if err.retry_after is not None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import json
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from types import TracebackType
@@ -18,6 +19,7 @@ from autopipeline._convert import (
     EventReader,
     GenerateCall,
     ResultCollector,
+    combine,
     generate_call,
     inspect_request,
     server_info,
@@ -26,11 +28,17 @@ from autopipeline._credentials import with_token
 from autopipeline._errors import AutoPipelineError, from_rpc_error
 from autopipeline._retry import Attempts, RetryPolicy
 from autopipeline._types import Event, GenerationResult, ServerInfo
+from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["AsyncClient", "AsyncEventStream", "Client", "EventStream"]
 
 DEFAULT_TARGET = "localhost:50051"
+
+# Spreads calls over every address a target resolves to (a headless Service's pods, or an
+# `ipv4:a:1,b:2` list); gRPC's default, pick_first, would send them all to the first address.
+_ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+_LB_OPTIONS = ("grpc.service_config", "grpc.lb_policy_name")
 
 _P = ParamSpec("_P")
 _Self = TypeVar("_Self")
@@ -66,6 +74,94 @@ def _takes_arguments_of(
 _generate_arguments = _takes_arguments_of(generate_call)
 
 
+def channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The caller's channel options, plus the round_robin policy unless they choose a policy themselves."""
+    chosen = list(options)
+    if not any(name in _LB_OPTIONS for name, _ in chosen):
+        chosen.append(("grpc.service_config", _ROUND_ROBIN))
+    return chosen
+
+
+def _one_request(call: GenerateCall) -> pb.GenerateRequest:
+    if len(call.requests) != 1:
+        raise TypeError("stream() takes one prompt, a string; generate() takes a list of prompts")
+    return call.requests[0]
+
+
+class EventStream:
+    """The events of one generation: an iterator, and a context manager that cancels on leaving.
+
+    The call starts on the first ``next()``. Leaving a ``with`` block (normally, by ``break`` or by
+    an exception) or calling `close` cancels the server's work at once, if it is still running.
+    Plain iteration works as well; the call is then cancelled when the iterator is collected.
+
+    Example:
+        >>> with client.stream("a red cube", num_inference_steps=30) as events:
+        ...     for event in events:
+        ...         if isinstance(event, Progress) and event.step == 10:
+        ...             break  # the server stops at its next step
+    """
+
+    def __init__(self, events: Generator[Event, None, None]) -> None:
+        self._events = events
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Cancels the call if it is still running; a no-op after the stream ended."""
+        self._events.close()
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncEventStream:
+    """The asyncio twin of `EventStream`: an async iterator, and an async context manager.
+
+    Example:
+        >>> async with client.stream("a red cube") as events:
+        ...     async for event in events:
+        ...         if isinstance(event, Started):
+        ...             break  # cancelled on the server as the block ends
+    """
+
+    def __init__(self, events: AsyncGenerator[Event, None]) -> None:
+        self._events = events
+
+    def __aiter__(self) -> AsyncEventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        """Cancels the call if it is still running; a no-op after the stream ended."""
+        await self._events.aclose()
+
+    async def __aenter__(self) -> AsyncEventStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
 @contextlib.contextmanager
 def _sdk_errors(cancel: Callable[[], object] | None = None) -> Iterator[None]:
     """Raises gRPC errors as `AutoPipelineError`s; ``cancel``s the call however the block ends."""
@@ -97,7 +193,7 @@ class _BaseClient:
         self.timeout = timeout
         self.retry = retry
         credentials, self._metadata = with_token(credentials, tuple(metadata), token)
-        self._connect(target, credentials, list(options))
+        self._connect(target, credentials, channel_options(options))
 
     def _connect(
         self, target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
@@ -118,7 +214,11 @@ class Client(_BaseClient):
     """A blocking client for an autopipeline-grpc server.
 
     Args:
-        target: The server's ``host:port``.
+        target: The server's ``host:port``, or any gRPC target naming several: ``dns:///name:port``
+            (every address the name resolves to, e.g. a Kubernetes headless Service) or
+            ``ipv4:10.0.0.1:50051,10.0.0.2:50051``. Calls are spread over all the addresses with
+            gRPC's ``round_robin`` policy, unless ``options`` sets ``grpc.service_config`` or
+            ``grpc.lb_policy_name``.
         timeout: Default seconds each call may take (None: no limit); a call's own ``timeout`` wins.
         credentials: TLS credentials, e.g. from `tls_credentials`; None connects in plain text.
         options: gRPC channel options, e.g. ``[("grpc.max_send_message_length", 64 << 20)]``.
@@ -133,7 +233,7 @@ class Client(_BaseClient):
         >>> from autopipeline import Client
         >>> with Client("localhost:50051") as client:
         ...     result = client.generate("a lighthouse at dawn", seed=1)
-        ...     result.images[0].save("lighthouse.png")
+        ...     result.images[0].save("lighthouse.png")  # a PIL image, as in diffusers
 
         Over TLS, with a token:
 
@@ -171,30 +271,37 @@ class Client(_BaseClient):
         """Generates images and returns them once all have arrived.
 
         Args:
-            prompt: The text prompt.
-            task: ``"text-to-image"`` (default), ``"image-to-image"`` or ``"inpainting"``, or a `Task`.
+            prompt: The text prompt, or a list of prompts: one request per prompt, run one after
+                another, each making ``num_images`` images (diffusers' ``num_images_per_prompt``);
+                the result holds them prompt by prompt.
+            task: ``"text-to-image"``, ``"image-to-image"`` or ``"inpainting"``, or a `Task`.
+                None (default) infers it from the inputs: ``image`` and ``mask_image`` mean
+                inpainting, ``image`` alone image-to-image, neither text-to-image. An explicit task wins.
             model: A configured model name (see `inspect`); empty uses the server's default model.
             source: Instead of ``model``, an on-demand checkpoint the server allows (a hub id such as
                 ``"org/name"`` or an absolute directory; see `ServerInfo.allowed_sources`).
             negative_prompt: What the images should not show.
             image: The input image of image-to-image and inpainting: a PIL image, bytes or a path.
-            mask_image: The inpainting mask (white is repainted, black kept), as for ``image``.
+            mask_image: The inpainting mask (white is repainted, black kept), as for ``image``;
+                without ``image`` it raises `ValueError` before anything is sent.
             width: Output width, a multiple of 8; None lets the server decide.
             height: Output height, a multiple of 8; None lets the server decide.
             num_inference_steps: Denoising steps; None uses the pipeline's default.
             guidance_scale: Classifier-free guidance scale; None uses the pipeline's default.
             strength: How much of ``image`` to change, in (0, 1]; image-to-image and inpainting only.
-            num_images: How many images to generate.
-            seed: The first image's seed (image i uses seed + i); None lets the server draw one.
+            num_images: How many images to generate per prompt.
+            seed: The first image's seed (image i of the call uses seed + i, across prompts too);
+                None lets the server draw one per request.
             scheduler: A scheduler class name from `TaskInfo.schedulers`; empty keeps the model's own.
             output_format: ``"png"`` (default), ``"jpeg"`` or ``"webp"``, or an `ImageFormat`.
             output_quality: JPEG/WebP quality, 1-100; None uses the server's default.
             preview_interval: N > 0 sends a `Preview` every N steps (seen only through `stream`).
             parameters: Any other pipeline argument by name, JSON-like values (e.g. ``{"eta": 0.5}``).
-            timeout: Seconds this call may take; None uses the client's default.
+            timeout: Seconds this call may take, all prompts together; None uses the client's default.
 
         Returns:
-            The images (by index), with the `Started` and `Completed` events.
+            ``images`` (PIL images, as diffusers returns them), ``outputs`` (the same images with
+            their seeds and encoded bytes) and a `RequestSummary` per request.
 
         Raises:
             AutoPipelineError: A subclass per failure, e.g. `InvalidArgumentError`, `NotFoundError`.
@@ -203,36 +310,48 @@ class Client(_BaseClient):
             >>> result = client.generate("a red cube", num_images=2, seed=7, width=512, height=512)
             >>> result.seeds
             (7, 8)
-            >>> result.pil_images[1].size
+            >>> result.images[1].size
             (512, 512)
+            >>> result = client.generate(["a cat", "a dog"], num_images=2, seed=1)
+            >>> [(output.prompt_index, output.seed) for output in result.outputs]
+            [(0, 1), (0, 2), (1, 3), (1, 4)]
         """
-        collector = ResultCollector()
-        for event in self._events(call):
-            collector.add(event)
-        return collector.result()
+        timeout = self._call_timeout(call.timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        results = []
+        for request in call.requests:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            collector = ResultCollector(request.prompt)
+            for event in self._events(request, left):
+                collector.add(event)
+            results.append(collector.result())
+        return combine(results)
 
     @_generate_arguments
-    def stream(self, call: GenerateCall) -> Generator[Event, None, None]:
+    def stream(self, call: GenerateCall) -> EventStream:
         """Generates images and yields each event as it arrives; takes the arguments of `generate`.
 
         Events come in order: `Queued` (repeatedly, while waiting), `Started`, a `Progress` per
         step with `Preview`s between them when asked for, each `GeneratedImage`, and `Completed`.
-        Leaving the loop early (``break``, an exception, closing the iterator) cancels the call.
+        `Queued.position` is 0-based (0: next to run). Use it as a context manager: leaving the
+        block early (``break``, an exception) cancels the server's work at once. ``prompt`` must be
+        one string here (a list raises `TypeError`; `generate` takes lists).
 
         Example:
-            >>> for event in client.stream("a red cube", num_inference_steps=20):
-            ...     if isinstance(event, Progress):
-            ...         print(f"{event.step}/{event.total_steps}")
-            ...     elif isinstance(event, GeneratedImage):
-            ...         event.save(f"cube-{event.index}.png")
+            >>> with client.stream("a red cube", num_inference_steps=20) as events:
+            ...     for event in events:
+            ...         if isinstance(event, Progress):
+            ...             print(f"{event.step}/{event.total_steps}")
+            ...         elif isinstance(event, GeneratedImage):
+            ...             event.save(f"cube-{event.index}.png")
         """
-        return self._events(call)
+        return EventStream(self._events(_one_request(call), self._call_timeout(call.timeout)))
 
-    def _events(self, call: GenerateCall) -> Generator[Event, None, None]:
+    def _events(self, request: pb.GenerateRequest, timeout: float | None) -> Generator[Event, None, None]:
         # A generator, so the RPC starts on the first next() and stops with the iterator.
-        attempts = self._attempts(call.timeout)
+        attempts = Attempts(self.retry, timeout)
         while True:
-            rpc = self._stub.Generate(call.request, timeout=attempts.timeout(), metadata=self._metadata)
+            rpc = self._stub.Generate(request, timeout=attempts.timeout(), metadata=self._metadata)
             reader = EventReader()
             try:
                 with _sdk_errors(cancel=rpc.cancel):
@@ -280,8 +399,9 @@ class AsyncClient(_BaseClient):
         >>> from autopipeline import AsyncClient
         >>> async with AsyncClient("localhost:50051") as client:
         ...     result = await client.generate("a lighthouse at dawn", seed=1)
-        ...     async for event in client.stream("a lighthouse at dusk"):
-        ...         print(event)
+        ...     async with client.stream("a lighthouse at dusk") as events:
+        ...         async for event in events:
+        ...             print(event)
     """
 
     def _connect(
@@ -312,33 +432,52 @@ class AsyncClient(_BaseClient):
     async def generate(self, call: GenerateCall) -> GenerationResult:
         """Generates images and returns them once all have arrived; see `Client.generate`.
 
+        A list of prompts runs as concurrent requests (the server may batch them); the result
+        holds their images in prompt order. If one fails, the others are cancelled.
+
         Example:
             >>> result = await client.generate("a red cube", seed=7)
             >>> result.images[0].save("cube.png")
         """
-        collector = ResultCollector()
-        async for event in self._events(call):
-            collector.add(event)
+        timeout = self._call_timeout(call.timeout)
+        tasks = [asyncio.ensure_future(self._collect(request, timeout)) for request in call.requests]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return combine(results)
+
+    async def _collect(self, request: pb.GenerateRequest, timeout: float | None) -> GenerationResult:
+        collector = ResultCollector(request.prompt)
+        async with contextlib.aclosing(self._events(request, timeout)) as events:
+            async for event in events:
+                collector.add(event)
         return collector.result()
 
     @_generate_arguments
-    def stream(self, call: GenerateCall) -> AsyncGenerator[Event, None]:
+    def stream(self, call: GenerateCall) -> AsyncEventStream:
         """Generates images and yields each event as it arrives; see `Client.stream`.
 
-        Leaving the loop early cancels the call once the iterator is closed: wrap it in
-        `contextlib.aclosing` to cancel at once rather than when the iterator is collected.
+        Use it as an async context manager: leaving the block early cancels the server's work at
+        once. Plain ``async for`` works too; the call is then cancelled when the iterator is closed
+        or collected.
 
         Example:
-            >>> async with contextlib.aclosing(client.stream("a red cube")) as events:
+            >>> async with client.stream("a red cube") as events:
             ...     async for event in events:
             ...         print(event)
         """
-        return self._events(call)
+        return AsyncEventStream(self._events(_one_request(call), self._call_timeout(call.timeout)))
 
-    async def _events(self, call: GenerateCall) -> AsyncGenerator[Event, None]:
-        attempts = self._attempts(call.timeout)
+    async def _events(
+        self, request: pb.GenerateRequest, timeout: float | None
+    ) -> AsyncGenerator[Event, None]:
+        attempts = Attempts(self.retry, timeout)
         while True:
-            rpc = self._stub.Generate(call.request, timeout=attempts.timeout(), metadata=self._metadata)
+            rpc = self._stub.Generate(request, timeout=attempts.timeout(), metadata=self._metadata)
             reader = EventReader()
             try:
                 with _sdk_errors(cancel=rpc.cancel):

@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import io
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf import duration_pb2, struct_pb2
@@ -30,16 +30,16 @@ _MAX_EXACT_INTEGER = 2**53
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GenerateCall:
-    """A built `GenerateRequest` and the call's own timeout (None: the client's default)."""
+    """The built `GenerateRequest`s of one call (one per prompt) and its own timeout (None: the client's)."""
 
-    request: pb.GenerateRequest
+    requests: tuple[pb.GenerateRequest, ...]
     timeout: float | None
 
 
 def generate_call(
-    prompt: str = "",
+    prompt: str | Sequence[str] = "",
     *,
-    task: Task | str = Task.TEXT_TO_IMAGE,
+    task: Task | str | None = None,
     model: str = "",
     source: str = "",
     negative_prompt: str = "",
@@ -59,16 +59,18 @@ def generate_call(
     parameters: Mapping[str, Any] | None = None,
     timeout: float | None = None,
 ) -> GenerateCall:
-    """The arguments of `Client.generate` and its siblings, checked and built into a request.
+    """The arguments of `Client.generate` and its siblings, checked and built into requests.
 
+    A list of prompts becomes one request per prompt; with a ``seed``, prompt k's images take the
+    seeds that follow prompt k-1's (image i of the call uses ``seed + i``, as for one prompt).
     Raises `ValueError`/`TypeError` for arguments no request can carry, and `OSError` for an
     image path that cannot be read, before anything is sent.
     """
+    prompts = _prompts(prompt)
     fields: dict[str, Any] = {
         "model": model,
         "source": source,
-        "task": pb.Task.Value(f"TASK_{_coerce(Task, task, 'task').name}"),
-        "prompt": prompt,
+        "task": pb.Task.Value(f"TASK_{infer_task(task, image, mask_image).name}"),
         "negative_prompt": negative_prompt,
         "width": width,
         "height": height,
@@ -76,7 +78,6 @@ def generate_call(
         "guidance_scale": guidance_scale,
         "strength": strength,
         "num_images": num_images,
-        "seed": seed,
         "scheduler": scheduler,
         "output_format": pb.ImageFormat.Value(
             f"IMAGE_FORMAT_{_coerce(ImageFormat, output_format, 'output_format').name}"
@@ -84,28 +85,66 @@ def generate_call(
         "output_quality": output_quality,
         "preview_interval": preview_interval,
     }
-    request = pb.GenerateRequest()
+    base = pb.GenerateRequest()
     for name, value in fields.items():
-        # None leaves a field unset: for the `optional` scalars that means "the server decides".
-        if value is None:
-            continue
-        try:
-            setattr(request, name, value)
-        except (TypeError, ValueError) as err:
-            # protobuf's own message ("Value out of range: -1") does not say which argument.
-            raise type(err)(f"{name}={value!r} cannot be sent: {err}") from err
+        _set(base, name, value)
     if image is not None:
-        request.image.CopyFrom(encode_image(image))
+        base.image.CopyFrom(encode_image(image))
     if mask_image is not None:
-        request.mask_image.CopyFrom(encode_image(mask_image))
+        base.mask_image.CopyFrom(encode_image(mask_image))
     if parameters:
         try:
-            request.parameters.update(parameters)
+            base.parameters.update(parameters)
         except (TypeError, ValueError) as err:
             raise TypeError(
                 f"parameters must hold JSON-like values (str, int, float, bool, None, lists, dicts): {err}"
             ) from err
-    return GenerateCall(request, timeout)
+    requests = []
+    for number, text in enumerate(prompts):
+        request = pb.GenerateRequest()
+        request.CopyFrom(base)
+        _set(request, "prompt", text)
+        # The wire reads num_images 0 as 1; seeds continue from one prompt's images to the next's.
+        _set(request, "seed", None if seed is None else seed + number * max(num_images, 1))
+        requests.append(request)
+    return GenerateCall(tuple(requests), timeout)
+
+
+def infer_task(task: Task | str | None, image: object | None, mask_image: object | None) -> Task:
+    """``task`` as a `Task`; when None, the task the inputs imply (as diffusers' AutoPipelineFor* do).
+
+    ``image`` and ``mask_image`` imply inpainting, ``image`` alone image-to-image, neither
+    text-to-image. A ``mask_image`` without an ``image`` fits no task and raises `ValueError`.
+    """
+    if mask_image is not None and image is None:
+        raise ValueError("mask_image was given without image: inpainting needs both")
+    if task is not None:
+        return _coerce(Task, task, "task")
+    if mask_image is not None:
+        return Task.INPAINTING
+    return Task.IMAGE_TO_IMAGE if image is not None else Task.TEXT_TO_IMAGE
+
+
+def _prompts(prompt: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(prompt, str):
+        return (prompt,)
+    prompts = tuple(prompt)
+    if not prompts:
+        raise ValueError("prompt is an empty list: give a string, or a list of at least one")
+    if not all(isinstance(text, str) for text in prompts):
+        raise TypeError("prompt must be a string or a list of strings")
+    return prompts
+
+
+def _set(request: pb.GenerateRequest, name: str, value: Any) -> None:
+    # None leaves a field unset: for the `optional` scalars that means "the server decides".
+    if value is None:
+        return
+    try:
+        setattr(request, name, value)
+    except (TypeError, ValueError) as err:
+        # protobuf's own message ("Value out of range: -1") does not say which argument.
+        raise type(err)(f"{name}={value!r} cannot be sent: {err}") from err
 
 
 def inspect_request(model: str | None, source: str | None = None) -> pb.InspectRequest:
@@ -249,7 +288,9 @@ class _ImageAssembler:
         data = b"".join(self._chunks)
         self._first, self._chunks = None, []
         self._done.add(first.index)
-        return _from_fields(_types.GeneratedImage, first, data=data, mime_type=first.image.mime_type)
+        return _from_fields(
+            _types.GeneratedImage, first, data=data, mime_type=first.image.mime_type, prompt_index=0
+        )
 
     def check_idle(self, reason: str) -> None:
         """Raises `ProtocolError` when an image is incomplete at a point where none may be."""
@@ -299,9 +340,10 @@ class EventReader:
 
 
 class ResultCollector:
-    """Gathers a stream's events into a `GenerationResult`."""
+    """Gathers one request's events into a `GenerationResult`."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt: str) -> None:
+        self._prompt = prompt
         self._images: list[_types.GeneratedImage] = []
         self._started: _types.Started | None = None
         self._completed: _types.Completed | None = None
@@ -326,8 +368,26 @@ class ResultCollector:
                 f"`completed` reports {self._completed.num_images} images; "
                 f"the stream sent {len(self._images)}"
             )
-        images = sorted(self._images, key=lambda image: image.index)
-        return _types.GenerationResult(images=images, started=self._started, completed=self._completed)
+        outputs = sorted(self._images, key=lambda image: image.index)
+        summary = _types.RequestSummary(self._prompt, self._started, self._completed)
+        return _types.GenerationResult(outputs=outputs, requests=[summary])
+
+
+def combine(results: Sequence[_types.GenerationResult]) -> _types.GenerationResult:
+    """The results of a call's requests (one per prompt, in order) as one result.
+
+    Each image's `index` becomes its position in the combined `outputs`, and `prompt_index` says
+    which request produced it.
+    """
+    if len(results) == 1:
+        return results[0]
+    outputs: list[_types.GeneratedImage] = []
+    for prompt_index, result in enumerate(results):
+        for output in result.outputs:
+            outputs.append(dataclasses.replace(output, index=len(outputs), prompt_index=prompt_index))
+    return _types.GenerationResult(
+        outputs=outputs, requests=[summary for result in results for summary in result.requests]
+    )
 
 
 def server_info(response: pb.InspectResponse) -> _types.ServerInfo:

@@ -11,7 +11,7 @@ status code, `reason` is the server's stable ``ErrorInfo`` reason::
     ├── ResourceExhaustedError        RESOURCE_EXHAUSTED   (QUEUE_FULL, OUT_OF_MEMORY)
     ├── UnavailableError              UNAVAILABLE          (MODEL_LOADING, SHUTTING_DOWN, no connection)
     ├── DeadlineExceededError         DEADLINE_EXCEEDED
-    ├── CancelledError                CANCELLED
+    ├── GenerationCancelledError      CANCELLED
     ├── UnauthenticatedError          UNAUTHENTICATED      (UNAUTHENTICATED: bad or missing token)
     ├── PermissionDeniedError         PERMISSION_DENIED
     ├── InternalError                 INTERNAL, UNKNOWN, DATA_LOSS, UNIMPLEMENTED, ABORTED,
@@ -40,10 +40,10 @@ from grpc_status import rpc_status
 
 __all__ = [
     "AutoPipelineError",
-    "CancelledError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "FieldViolation",
+    "GenerationCancelledError",
     "InternalError",
     "InvalidArgumentError",
     "NotFoundError",
@@ -147,8 +147,11 @@ class DeadlineExceededError(AutoPipelineError):
     """The call's timeout passed before it finished."""
 
 
-class CancelledError(AutoPipelineError):
-    """The call was cancelled (gRPC ``CANCELLED``; not `asyncio.CancelledError`)."""
+class GenerationCancelledError(AutoPipelineError):
+    """The call was cancelled (gRPC ``CANCELLED``).
+
+    Named apart from `asyncio.CancelledError`, which an asyncio task cancelled by its caller raises.
+    """
 
 
 class UnauthenticatedError(AutoPipelineError):
@@ -179,7 +182,7 @@ _CLASS_BY_CODE: dict[str, type[AutoPipelineError]] = {
     "RESOURCE_EXHAUSTED": ResourceExhaustedError,
     "UNAVAILABLE": UnavailableError,
     "DEADLINE_EXCEEDED": DeadlineExceededError,
-    "CANCELLED": CancelledError,
+    "CANCELLED": GenerationCancelledError,
     "UNAUTHENTICATED": UnauthenticatedError,
     "PERMISSION_DENIED": PermissionDeniedError,
 }

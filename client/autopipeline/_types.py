@@ -27,6 +27,7 @@ __all__ = [
     "Preview",
     "Progress",
     "Queued",
+    "RequestSummary",
     "ServerInfo",
     "Started",
     "Task",
@@ -113,7 +114,8 @@ class Queued:
     """
 
     position: int
-    """0-based position: 0 means the request runs next."""
+    """0-based position, as on the wire: 0 means the request runs next. (The ``autopipeline`` CLI
+    shows it 1-based, as "position 1 of 3".)"""
     queue_depth: int
     """Requests waiting in the queue, this one included."""
 
@@ -185,17 +187,23 @@ class Preview:
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    """A finished image: its encoded bytes as the server sent them, decoded on first use of `image`.
+    """A finished image: the encoded bytes the server sent, its seed and index, and the decoded `image`.
+
+    `GenerationResult.images` holds the decoded PIL images, as a diffusers pipeline returns them;
+    `GenerationResult.outputs` holds these, one per image, in the same order.
 
     Example:
-        >>> result = client.generate("a red cube")
-        >>> result.images[0].save("cube.png")
-        >>> result.images[0].image.size
-        (1024, 1024)
+        >>> result = client.generate("a red cube", seed=7)
+        >>> output = result.outputs[0]
+        >>> output.seed, output.mime_type, output.image.size
+        (7, 'image/png', (1024, 1024))
+        >>> output.save("cube.png")  # the received PNG bytes, unchanged
+        >>> output.save("cube.jpg")  # re-encoded to JPEG by PIL
     """
 
     index: int
-    """0-based image index within the request."""
+    """0-based position of the image among those of the call (`GenerationResult.outputs[index]`);
+    for one prompt, the image's index within its request."""
     seed: int
     """The seed that produced this image."""
     width: int
@@ -203,19 +211,57 @@ class GeneratedImage:
     height: int
     """Height in pixels."""
     data: bytes = field(repr=False)
-    """The encoded image (PNG, JPEG or WebP, as requested)."""
+    """The encoded image exactly as the server sent it (PNG, JPEG or WebP, as requested)."""
     mime_type: str
     """The media type of `data`, e.g. ``"image/png"``."""
+    prompt_index: int = 0
+    """Which prompt produced the image, when `Client.generate` was given a list of prompts."""
 
     @cached_property
     def image(self) -> Image.Image:
         """The image decoded with PIL (decoded once, on first access)."""
         return decode_image(self.data)
 
+    @property
+    def format(self) -> str:
+        """PIL's name for the format of `data`: ``"PNG"``, ``"JPEG"`` or ``"WEBP"``."""
+        by_mime_type = {mime_type: name for name, mime_type in Image.MIME.items()}
+        return by_mime_type.get(self.mime_type) or self.image.format or ""
+
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the encoded bytes unchanged to ``path``; its extension is not checked."""
-        with open(path, "wb") as file:
-            file.write(self.data)
+        """Writes the image to ``path``, in the format that the path's extension names.
+
+        When the extension names the format the server sent (``.png`` for PNG, ``.jpg`` or
+        ``.jpeg`` for JPEG, ``.webp`` for WebP), `data` is written unchanged. Otherwise the image
+        is re-encoded with PIL to the extension's format, at PIL's default settings: a PNG saved
+        as ``cube.jpg`` becomes a real JPEG (lossy; transparency dropped), never PNG bytes under a
+        ``.jpg`` name. A path without an extension PIL can write raises `ValueError`, and nothing
+        is written.
+
+        Example:
+            >>> output.save("cube.webp")
+        """
+        target = _format_for_path(path)
+        if target == self.format:
+            with open(path, "wb") as file:
+                file.write(self.data)
+            return
+        image = self.image
+        if target == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
+            image = image.convert("RGB")
+        image.save(path, format=target)
+
+
+def _format_for_path(path: str | os.PathLike[str]) -> str:
+    """The PIL format an output path's extension names; `ValueError` when PIL cannot write one."""
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    name = Image.registered_extensions().get(extension)
+    if name is None or name not in Image.SAVE:
+        raise ValueError(
+            f"cannot tell which image format to write to {os.fspath(path)!r} from its extension; "
+            "use one such as .png, .jpg or .webp"
+        )
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,43 +309,74 @@ Event: TypeAlias = Queued | Started | Progress | Preview | GeneratedImage | Comp
 
 
 @dataclass(frozen=True, slots=True)
-class GenerationResult:
-    """Everything a finished generation returned.
+class RequestSummary:
+    """What the server reported about one request of a call: its prompt, `Started` and `Completed`.
 
     Example:
-        >>> result = client.generate("a red cube", num_images=2, seed=7)
-        >>> result.seeds
-        (7, 8)
-        >>> [image.size for image in result.pil_images]
-        [(1024, 1024), (1024, 1024)]
+        >>> [summary.prompt for summary in client.generate(["a cat", "a dog"]).requests]
+        ['a cat', 'a dog']
     """
 
-    images: list[GeneratedImage]
-    """The images, by index."""
+    prompt: str
+    """The request's prompt."""
     started: Started
     """The `Started` event: pipeline class, steps, seeds, size and scheduler."""
     completed: Completed
     """The `Completed` event: timings and resolved parameters."""
 
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """Everything a finished generation returned, shaped like a diffusers pipeline's output.
+
+    ``result.images[i]`` is a `PIL.Image.Image`, as ``pipe(...).images[i]`` is in diffusers;
+    ``result.outputs[i]`` is the same image as a `GeneratedImage` (seed, index, the encoded bytes).
+    Given a list of prompts, images come prompt by prompt: ``num_images`` for the first prompt,
+    then for the second, and so on (diffusers' ``num_images_per_prompt`` order).
+
+    Example:
+        >>> result = client.generate("a red cube", num_images=2, seed=7)
+        >>> result.images[0].size
+        (1024, 1024)
+        >>> result.seeds
+        (7, 8)
+        >>> result.outputs[1].save("cube-1.png")
+    """
+
+    outputs: list[GeneratedImage]
+    """The images with their seeds and encoded bytes, in order."""
+    requests: list[RequestSummary]
+    """One summary per request: one per prompt, in order."""
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """The images decoded with PIL, in order (each decoded once, on first access)."""
+        return [output.image for output in self.outputs]
+
     @property
     def seeds(self) -> tuple[int, ...]:
         """The seed of each image, in order."""
-        return self.started.seeds
+        return tuple(output.seed for output in self.outputs)
+
+    @property
+    def started(self) -> Started:
+        """The `Started` event (of the first prompt's request; `requests` has each)."""
+        return self.requests[0].started
+
+    @property
+    def completed(self) -> Completed:
+        """The `Completed` event (of the first prompt's request; `requests` has each)."""
+        return self.requests[0].completed
 
     @property
     def timings(self) -> Timings:
-        """Seconds spent, by phase."""
+        """Seconds spent, by phase (by the first prompt's request; `requests` has each)."""
         return self.completed.timings
 
     @property
     def parameters(self) -> dict[str, Any]:
-        """Every argument the pipeline was called with, as resolved by the server."""
+        """Every argument the pipeline was called with, as resolved by the server (first request)."""
         return self.completed.parameters
-
-    @property
-    def pil_images(self) -> list[Image.Image]:
-        """The images decoded with PIL."""
-        return [image.image for image in self.images]
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,7 +63,7 @@ async def run_demo(out: Path, *, family: str = "sd15") -> int:
                     num_inference_steps=8,
                     **inputs,  # type: ignore[arg-type]
                 )
-                first = result.images[0]
+                first = result.outputs[0]
                 path = out / f"{task.value}.png"
                 first.save(path)
                 print(
