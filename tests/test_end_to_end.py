@@ -145,3 +145,10 @@ def test_demo_runs_offline(tmp_path: Path) -> None:
         assert f"{task}:" in result.stdout
         with PIL.Image.open(tmp_path / "demo" / f"{task}.png") as image:
             assert image.size == (64, 64)
+
+
+def test_serve_refuses_a_missing_local_model_at_once(tmp_path: Path) -> None:
+    """A mistyped path is not tried as a hub id: serve exits with the reason instead of idling."""
+    result = run(str(BIN / "autopipeline-server"), "serve", "--model", "x=./no-such-dir", "--port", "0")
+    assert result.returncode == 2
+    assert "'./no-such-dir' is neither an existing checkpoint directory nor a hub id" in result.stderr

@@ -11,7 +11,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from autopipeline_server import __version__
-from autopipeline_server.settings import ACCELERATIONS, DTYPES, ConfigError, ModelSpec, load_settings
+from autopipeline_server.settings import (
+    ACCELERATIONS,
+    DTYPES,
+    ConfigError,
+    ModelSpec,
+    check_model_sources,
+    load_settings,
+)
 
 
 def _model(text: str) -> ModelSpec:
@@ -235,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = {key: value for key, value in vars(args).items() if key not in ("command", "config", "log_level")}
     try:
         settings = load_settings(flags, os.environ, config_file=args.config)
+        check_model_sources(settings)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

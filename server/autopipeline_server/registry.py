@@ -9,7 +9,6 @@ import functools
 import gc
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,13 +28,12 @@ from autopipeline_server.errors import (
     ServingError,
 )
 from autopipeline_server.pipelines import LoadedModel, load_model
-from autopipeline_server.settings import ModelSpec, Settings
+from autopipeline_server.settings import HUB_ID, ModelSpec, Settings
 from autopipeline_server.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_SOURCES = 64
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass
@@ -83,7 +81,7 @@ def allowed_source(name: str, patterns: tuple[str, ...]) -> str | None:
         ):
             return normal
         return None
-    if _HUB_ID.match(name) and ".." not in name:
+    if HUB_ID.match(name) and ".." not in name:
         hub = [p for p in patterns if not p.startswith("/")]
         if any(fnmatch.fnmatchcase(name, p) for p in hub):
             return name

@@ -21,6 +21,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 # How the denoiser runs: eagerly, or compiled and graph-captured for declared shapes (acceleration.py).
 ACCELERATIONS = ("auto", "off", "compile")
 _HOT_SHAPE = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
+# A hub repository id ("org/name"); anything else that is not a directory is no source.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # A bearer token travels as gRPC metadata: printable ASCII, and no spaces so "Bearer <token>" parses.
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")
@@ -207,6 +209,22 @@ def parse_hot_shape(text: str) -> tuple[int, int, int | None]:
     if not match or min(numbers) < 1:
         raise ConfigError(f"compile shape {text!r} must be WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH")
     return numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else None
+
+
+def check_model_sources(settings: Settings) -> None:
+    """Fails at start-up for a configured source that is neither a local directory nor a hub id.
+
+    Without this, a mistyped path ("./no-such-dir") would be tried as a hub id and the model
+    would sit FAILED while the server stayed NOT_SERVING.
+    """
+    for spec in settings.models:
+        if Path(spec.source).expanduser().is_dir():
+            continue
+        if spec.source.startswith((".", "/", "~")) or not HUB_ID.match(spec.source):
+            raise ConfigError(
+                f"model {spec.name!r}: {spec.source!r} is neither an existing checkpoint directory "
+                "nor a hub id (org/name)"
+            )
 
 
 def _read_pem(name: str, path: str) -> bytes:
