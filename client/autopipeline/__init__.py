@@ -31,6 +31,7 @@ from autopipeline._errors import (
 from autopipeline._retry import RetryPolicy
 from autopipeline._types import (
     Completed,
+    DeviceInfo,
     Event,
     GeneratedImage,
     GenerationResult,
@@ -59,6 +60,7 @@ __all__ = [
     "Client",
     "Completed",
     "DeadlineExceededError",
+    "DeviceInfo",
     "Event",
     "EventStream",
     "FailedPreconditionError",

@@ -401,6 +401,10 @@ def server_info(response: pb.InspectResponse) -> _types.ServerInfo:
         allowed_sources=list(response.server.allowed_sources),
         stats=_from_fields(_types.ServerStats, response.server.stats),
         models=[_model_info(model) for model in response.models],
+        devices=[
+            _from_fields(_types.DeviceInfo, device, stats=_from_fields(_types.ServerStats, device.stats))
+            for device in response.server.devices
+        ],
     )
 
 
@@ -412,6 +416,14 @@ def _model_info(message: pb.ModelInfo) -> _types.ModelInfo:
         message,
         state=state or _types.ModelState.UNKNOWN,
         load_duration=_seconds(message.load_duration),
+        replicas=[
+            (
+                replica.device,
+                _enum_from_pb(_types.ModelState, pb.ModelState, "MODEL_STATE_", replica.state)
+                or _types.ModelState.UNKNOWN,
+            )
+            for replica in message.replicas
+        ],
         # A task from a newer contract cannot be requested through this SDK, so it is left out.
         tasks=[task for task in tasks if task is not None],
     )

@@ -497,6 +497,25 @@ class TaskInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """One device of the server, with its own queue and copy of every model.
+
+    Example:
+        >>> [(d.device, d.queue_depth) for d in client.inspect().devices]
+        [('cuda:0', 0), ('cuda:1', 2)]
+    """
+
+    device: str
+    """The device, e.g. ``"cuda:1"``."""
+    queue_depth: int
+    """Requests waiting for this device."""
+    running: int
+    """Requests running on this device now."""
+    stats: ServerStats
+    """This device's counters since the server started."""
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """A served model.
 
@@ -533,6 +552,9 @@ class ModelInfo:
     """How many times the weights were loaded since the server started."""
     load_duration: float
     """Seconds the last load took, warm-up included."""
+    replicas: list[tuple[str, ModelState]]
+    """``(device, state)`` of the model's copy on each device; ``device`` above is the first
+    device where it is ready."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,3 +595,5 @@ class ServerInfo:
     """Counters since the server started."""
     models: list[ModelInfo]
     """The models asked for: every model, or the one named."""
+    devices: list[DeviceInfo]
+    """Each device the server runs pipelines on; the queue and counters above add them up."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import diffusers
@@ -23,6 +23,7 @@ from autopipeline_server.codecs import (
     chunks,
     decode_image,
 )
+from autopipeline_server.devices import DevicePool
 from autopipeline_server.domain import (
     Finished,
     GenerationRequest,
@@ -37,7 +38,6 @@ from autopipeline_server.errors import InvalidRequest
 from autopipeline_server.pipelines import TaskPipeline
 from autopipeline_server.registry import ModelEntry
 from autopipeline_server.settings import Limits, Settings
-from autopipeline_server.worker import WorkerStats
 
 TASKS = {
     pb.TASK_TEXT_TO_IMAGE: Task.TEXT_TO_IMAGE,
@@ -337,6 +337,27 @@ def task_info(target: TaskPipeline) -> pb.TaskInfo:
     )
 
 
+def models_info(devices: DevicePool, entries: Sequence[ModelEntry], default_model: str) -> list[pb.ModelInfo]:
+    """One ModelInfo per model, from the first device where it is ready, with every device's copy."""
+    infos = []
+    for entry in entries:
+        name = entry.spec.name
+        copies = [(r, r.registry.entries[name]) for r in devices.replicas if name in r.registry.entries]
+        replica, shown = next(((r, e) for r, e in copies if e.state is ModelState.READY), copies[0])
+        info = model_info(
+            shown,
+            default_model=default_model,
+            device=str(replica.device),
+            dtype=str(replica.registry.dtype).removeprefix("torch."),
+        )
+        info.replicas.extend(
+            pb.ModelReplica(device=str(r.device), state=STATES[e.state], state_reason=e.reason)
+            for r, e in copies
+        )
+        infos.append(info)
+    return infos
+
+
 def model_info(entry: ModelEntry, *, default_model: str, device: str, dtype: str) -> pb.ModelInfo:
     info = pb.ModelInfo(
         name=entry.spec.name,
@@ -388,24 +409,31 @@ def acceleration_info(report: AccelerationReport) -> pb.Acceleration:
     )
 
 
-def server_info(
-    settings: Settings, *, device: str, queue_depth: int, running: int, stats: WorkerStats
-) -> pb.ServerInfo:
+def server_info(settings: Settings, devices: DevicePool) -> pb.ServerInfo:
     limits = settings.limits
     return pb.ServerInfo(
         version=__version__,
         diffusers_version=diffusers.__version__,
         torch_version=torch.__version__,
-        device=device,
+        device=",".join(str(r.device) for r in devices.replicas),
         default_model=settings.default_model,
-        queue_depth=queue_depth,
-        running=running,
+        queue_depth=devices.queue_depth,
+        running=devices.running,
+        devices=[
+            pb.DeviceInfo(
+                device=str(r.device),
+                queue_depth=r.worker.queue_depth,
+                running=r.worker.running,
+                stats=pb.ServerStats(**dataclasses.asdict(r.worker.stats)),
+            )
+            for r in devices.replicas
+        ],
         batching=pb.Batching(
             max_batch_images=settings.max_batch_size, max_delay=duration(settings.max_batch_delay_ms / 1000)
         ),
         allowed_sources=list(settings.allow_sources),
         memory_budget_bytes=settings.memory_budget,
-        stats=pb.ServerStats(**dataclasses.asdict(stats)),
+        stats=pb.ServerStats(**dataclasses.asdict(devices.stats())),
         limits=pb.Limits(
             max_width=limits.max_width,
             max_height=limits.max_height,

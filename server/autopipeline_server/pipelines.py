@@ -130,6 +130,14 @@ class LoadedModel:
             ) from None
 
 
+def resolve_devices(devices: str) -> list[torch.device]:
+    """The devices a `--device` setting names: a comma-separated list, or all CUDA devices for "all"."""
+    if devices.strip() == "all":
+        count = torch.cuda.device_count()
+        return [torch.device(f"cuda:{i}") for i in range(count)] or [resolve_device("auto")]
+    return [resolve_device(d.strip()) for d in devices.split(",")]
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():

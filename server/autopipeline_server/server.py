@@ -15,9 +15,9 @@ from grpc_reflection.v1alpha import reflection
 
 from autopipeline_server.acceleration import configure_cache
 from autopipeline_server.auth import BearerTokenInterceptor
+from autopipeline_server.devices import DevicePool
 from autopipeline_server.domain import ModelState
 from autopipeline_server.openai_http import OpenAIDoor
-from autopipeline_server.pipelines import resolve_device, resolve_dtype
 from autopipeline_server.registry import ModelEntry, ModelRegistry
 from autopipeline_server.servicer import SERVICE_NAME, AutoPipelineServicer, service_handler
 from autopipeline_server.settings import Settings, describe, read_tls_files
@@ -37,12 +37,21 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     settings: Settings
-    registry: ModelRegistry
-    worker: InferenceWorker
+    devices: DevicePool
     health: health_aio.HealthServicer
     loading: asyncio.Task[None]
     # The OpenAI-compatible HTTP door, when `settings.http_port` turns it on.
     http: OpenAIDoor | None = None
+
+    @property
+    def registry(self) -> ModelRegistry:
+        """The first device's models (the only device's, unless several are configured)."""
+        return self.devices.primary.registry
+
+    @property
+    def worker(self) -> InferenceWorker:
+        """The first device's worker."""
+        return self.devices.primary.worker
 
     @property
     def http_port(self) -> int | None:
@@ -59,28 +68,25 @@ class RunningServer:
         if self.http is not None:
             self.http.start_draining()
         await self.health.enter_graceful_shutdown()
-        await self.worker.drain(grace)
+        await self.devices.drain(grace)
         if self.http is not None:
             await self.http.close()  # before the gRPC server, which its in-flight requests still use
         await self.server.stop(grace=1.0)
         self.loading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.loading
-        await self.worker.close()
-        self.registry.close()
+        await self.devices.close()
 
 
 async def create_server(settings: Settings) -> RunningServer:
     """Builds, binds and starts the server; models load in the background while health says NOT_SERVING."""
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
     configure_cache(settings.compile_cache_dir)
     health_servicer = health_aio.HealthServicer()
 
     async def publish(entry: ModelEntry) -> None:
-        await health_servicer.set(
-            entry.spec.name, SERVING if entry.state is ModelState.READY else NOT_SERVING
-        )
+        # A model serves while any device serves it.
+        state = devices.state(entry.spec.name)
+        await health_servicer.set(entry.spec.name, SERVING if state is ModelState.READY else NOT_SERVING)
 
     pending_updates: set[asyncio.Task[None]] = set()
 
@@ -89,15 +95,8 @@ async def create_server(settings: Settings) -> RunningServer:
         pending_updates.add(task)
         task.add_done_callback(pending_updates.discard)
 
-    worker = InferenceWorker(
-        max_queue=settings.max_queue,
-        max_batch_size=settings.max_batch_size,
-        max_batch_delay=settings.max_batch_delay_ms / 1000,
-    )
-    registry = ModelRegistry(
-        settings, device=device, dtype=dtype, worker=worker, on_state_change=on_state_change
-    )
-    servicer = AutoPipelineServicer(settings, registry, worker)
+    devices = DevicePool.create(settings, on_state_change)
+    servicer = AutoPipelineServicer(settings, devices)
 
     server = grpc.aio.server(
         interceptors=[BearerTokenInterceptor(settings.tokens)] if settings.tokens else None,
@@ -113,7 +112,7 @@ async def create_server(settings: Settings) -> RunningServer:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    for name in ("", SERVICE_NAME, *registry.entries):
+    for name in ("", SERVICE_NAME, *devices.primary.registry.entries):
         await health_servicer.set(name, NOT_SERVING)
     # The door adds a private port to the server, so it is built before the server starts.
     http = OpenAIDoor(settings, server) if settings.http_port is not None else None
@@ -127,34 +126,34 @@ async def create_server(settings: Settings) -> RunningServer:
             await server.stop(None)
             raise
         log.info("OpenAI-compatible HTTP on %s:%d", settings.host, http.port)
-    worker.start()
+    devices.start()
     log.info(
-        "listening on %s:%d (device %s, dtype %s; %s; %s)",
+        "listening on %s:%d (%s; %s; %s)",
         settings.host,
         port,
-        device,
-        dtype,
+        ", ".join(f"{r.device} {str(r.registry.dtype).removeprefix('torch.')}" for r in devices.replicas),
         _describe_transport(settings),
         f"bearer tokens required ({len(settings.tokens)} configured)" if settings.tokens else "no auth",
     )
     log.debug("settings: %s", describe(settings))
 
     async def load() -> None:
-        await registry.load_all(warm=settings.warmup)
+        await devices.load_all(warm=settings.warmup)
         await asyncio.gather(*pending_updates)
-        ready = [e for e in registry.entries.values() if e.state is ModelState.READY]
+        names = list(devices.primary.registry.entries)
+        ready = [name for name in names if devices.state(name) is ModelState.READY]
         overall = SERVING if ready else NOT_SERVING
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, overall)
         log.info(
             "%d of %d models ready; health %s",
             len(ready),
-            len(registry.entries),
+            len(names),
             health_pb2.HealthCheckResponse.ServingStatus.Name(overall),
         )
 
     loading = asyncio.get_running_loop().create_task(load(), name="load-models")
-    return RunningServer(server, port, settings, registry, worker, health_servicer, loading, http)
+    return RunningServer(server, port, settings, devices, health_servicer, loading, http)
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:

@@ -17,13 +17,13 @@ from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server import convert
 from autopipeline_server.calls import PipelineRejected
 from autopipeline_server.codecs import encode_image
+from autopipeline_server.devices import DevicePool
 from autopipeline_server.domain import Finished, Preview, Progress, Queued, Started
 from autopipeline_server.errors import InvalidRequest, ServingError
 from autopipeline_server.prepare import prepare_call
-from autopipeline_server.registry import ModelRegistry
 from autopipeline_server.settings import Settings
 from autopipeline_server.status import REQUEST_ID_KEY, abort
-from autopipeline_server.worker import Arrival, InferenceWorker, Job
+from autopipeline_server.worker import Arrival, Job
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +75,24 @@ def _malformed(message: str) -> InvalidRequest:
 class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
     """Implements autopipeline.v1.AutoPipelineService on top of the registry and the worker."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, worker: InferenceWorker) -> None:
+    def __init__(self, settings: Settings, devices: DevicePool) -> None:
         self._settings = settings
-        self._registry = registry
-        self._worker = worker
+        self._devices = devices
 
     async def Generate(
         self, request: pb.GenerateRequest | None, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
         request_id = uuid.uuid4().hex
         arrived = time.perf_counter()
-        # Batching hook: a forming batch waits for this request until it is submitted (or fails).
-        arrival = self._worker.arriving()
+        # Batching hook: a forming batch waits for this request until it is submitted (or fails);
+        # until the request has a device, it may join any device's batch.
+        arrivals = [replica.worker.arriving() for replica in self._devices.replicas]
         try:
-            async for message in self._generate(request, context, request_id, arrived, arrival):
+            async for message in self._generate(request, context, request_id, arrived, arrivals):
                 yield message
         finally:
-            arrival.close()
+            for arrival in arrivals:
+                arrival.close()
 
     async def _generate(
         self,
@@ -99,7 +100,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         context: Context,
         request_id: str,
         arrived: float,
-        arrival: Arrival,
+        arrivals: list[Arrival],
     ) -> AsyncIterator[pb.GenerateResponse]:
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         try:
@@ -110,23 +111,24 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
             domain_request = await asyncio.to_thread(
                 convert.generation_request, request, self._settings.limits
             )
-            entry = self._registry.lookup(domain_request.model, domain_request.source)
+            replica, entry = self._devices.choose(domain_request.model, domain_request.source)
         except Exception as err:
             await abort(context, err, request_id)
         if entry.model is None and not entry.pinned:
             # An on-demand model loads first; tell the caller it is waiting, as for the queue.
-            depth = self._worker.queue_depth
+            depth = replica.worker.queue_depth
             yield convert.queued_event(Queued(position=depth, depth=depth + 1))
         try:
-            async with self._registry.lease(entry) as model:
+            async with replica.registry.lease(entry) as model:
                 call = await asyncio.to_thread(prepare_call, model, domain_request)
-                job = self._worker.submit(call)
-                arrival.close()
+                job = replica.worker.submit(call)
+                for arrival in arrivals:
+                    arrival.close()
                 try:
                     async for message in self._stream(job, request, request_id, arrived):
                         yield message
                 finally:
-                    self._worker.cancel(job)
+                    replica.worker.cancel(job)
         except asyncio.CancelledError:
             log.info("request %s: the caller went away", request_id)
             raise
@@ -184,26 +186,16 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
     async def Inspect(self, request: pb.InspectRequest | None, context: Context) -> pb.InspectResponse:
         if request is None:
             await abort(context, _malformed("InspectRequest"), uuid.uuid4().hex)
-        entries = list(self._registry.entries.values())
+        registry = self._devices.primary.registry
+        entries = list(registry.entries.values())
         if request.model or request.source:
             try:
                 if request.model and request.source:
                     raise InvalidRequest.field("source", "names an on-demand source; leave `model` empty")
-                entries = [self._registry.lookup(request.model, request.source, create=False)]
+                entries = [registry.lookup(request.model, request.source, create=False)]
             except ServingError as err:
                 await abort(context, err, uuid.uuid4().hex)
-        device = str(self._registry.device)
-        dtype = str(self._registry.dtype).removeprefix("torch.")
         return pb.InspectResponse(
-            server=convert.server_info(
-                self._settings,
-                device=device,
-                queue_depth=self._worker.queue_depth,
-                running=self._worker.running,
-                stats=self._worker.stats,
-            ),
-            models=[
-                convert.model_info(e, default_model=self._registry.default_model, device=device, dtype=dtype)
-                for e in entries
-            ],
+            server=convert.server_info(self._settings, self._devices),
+            models=convert.models_info(self._devices, entries, registry.default_model),
         )

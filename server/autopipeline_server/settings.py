@@ -145,8 +145,12 @@ class Settings:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"model names must be unique: {', '.join(duplicates)}")
-        if not DEVICES.match(self.device):
-            raise ConfigError(f"device {self.device!r} must be auto, cpu, mps, cuda or cuda:N")
+        devices = [d.strip() for d in self.device.split(",")]
+        if not (devices == ["all"] or all(DEVICES.match(d) for d in devices)):
+            raise ConfigError(
+                f"device {self.device!r} must be auto, cpu, mps, cuda, cuda:N, a comma-separated list "
+                "of those (one worker each), or all (every CUDA device)"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} must be one of {', '.join(DTYPES)}")
         if not 0 <= self.port <= 65535:

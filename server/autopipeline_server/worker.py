@@ -169,6 +169,8 @@ class InferenceWorker:
         self._task: asyncio.Task[None] | None = None
         # Requests between arriving at the server and `submit` (see `arriving`); only the loop writes it.
         self._arriving = 0
+        # A moving average of pipeline-call durations, for dispatch between devices.
+        self.mean_call_seconds = 1.0
 
     @property
     def queue_depth(self) -> int:
@@ -178,6 +180,16 @@ class InferenceWorker:
     def accepting(self) -> bool:
         """False once draining has begun."""
         return self._accepting
+
+    @property
+    def expected_wait(self) -> float:
+        """Seconds a new request would wait here: the images ahead of it, in calls, times a call's time.
+
+        With batching, queued images share calls, so they count per `max_batch_size`.
+        """
+        ahead = sum(job.images for job in self._pending)
+        calls = -(-ahead // self.max_batch_size) + len(self._running)
+        return calls * self.mean_call_seconds
 
     @property
     def running(self) -> int:
@@ -348,6 +360,7 @@ class InferenceWorker:
                 job.emit(_Failed(err))
             return
         finished = time.perf_counter()
+        self.mean_call_seconds = 0.8 * self.mean_call_seconds + 0.2 * (finished - started)
         for job, images in zip(batch, results, strict=True):
             if job.cancelled():
                 self.stats.cancelled_running += 1

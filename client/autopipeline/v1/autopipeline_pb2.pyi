@@ -798,6 +798,7 @@ class ServerInfo(_message.Message):
     ALLOWED_SOURCES_FIELD_NUMBER: _builtins.int
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """autopipeline-grpc version."""
     diffusers_version: _builtins.str
@@ -805,7 +806,9 @@ class ServerInfo(_message.Message):
     torch_version: _builtins.str
     """torch version."""
     device: _builtins.str
-    """The device pipelines run on, e.g. "cuda:0" or "cpu"."""
+    """The devices pipelines run on, e.g. "cuda:0" or "cpu" (comma-separated
+    when there are several; see `devices`).
+    """
     queue_depth: _builtins.int
     """Requests waiting in the queue now."""
     default_model: _builtins.str
@@ -832,6 +835,12 @@ class ServerInfo(_message.Message):
     def stats(self) -> Global___ServerStats:
         """Counters since the server started."""
 
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceInfo]:
+        """Each device the server runs pipelines on, with its own queue; the
+        fields above add them up. One entry for a single-device server.
+        """
+
     def __init__(
         self,
         *,
@@ -847,14 +856,51 @@ class ServerInfo(_message.Message):
         allowed_sources: _abc.Iterable[_builtins.str] | None = ...,
         memory_budget_bytes: _builtins.int = ...,
         stats: Global___ServerStats | None = ...,
+        devices: _abc.Iterable[Global___DeviceInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "limits", b"limits", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_sources", b"allowed_sources", "batching", b"batching", "default_model", b"default_model", "device", b"device", "diffusers_version", b"diffusers_version", "limits", b"limits", "memory_budget_bytes", b"memory_budget_bytes", "queue_depth", b"queue_depth", "running", b"running", "stats", b"stats", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_sources", b"allowed_sources", "batching", b"batching", "default_model", b"default_model", "device", b"device", "devices", b"devices", "diffusers_version", b"diffusers_version", "limits", b"limits", "memory_budget_bytes", b"memory_budget_bytes", "queue_depth", b"queue_depth", "running", b"running", "stats", b"stats", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerInfo: _TypeAlias = ServerInfo  # noqa: Y015
+
+@_typing.final
+class DeviceInfo(_message.Message):
+    """One device of the server: its own worker, queue and copy of every model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """The device, e.g. "cuda:0"."""
+    queue_depth: _builtins.int
+    """Requests waiting for this device."""
+    running: _builtins.int
+    """Requests running on this device now."""
+    @_builtins.property
+    def stats(self) -> Global___ServerStats:
+        """This device's counters since the server started."""
+
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        queue_depth: _builtins.int = ...,
+        running: _builtins.int = ...,
+        stats: Global___ServerStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "queue_depth", b"queue_depth", "running", b"running", "stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceInfo: _TypeAlias = DeviceInfo  # noqa: Y015
 
 @_typing.final
 class ServerStats(_message.Message):
@@ -1027,6 +1073,7 @@ class ModelInfo(_message.Message):
     LOADS_FIELD_NUMBER: _builtins.int
     LOAD_DURATION_FIELD_NUMBER: _builtins.int
     ACCELERATION_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use."""
     source: _builtins.str
@@ -1072,6 +1119,12 @@ class ModelInfo(_message.Message):
         it compiled.
         """
 
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelReplica]:
+        """The model on each device of the server (one entry per device); the
+        fields above describe the copy on the first device where it is ready.
+        """
+
     def __init__(
         self,
         *,
@@ -1090,14 +1143,45 @@ class ModelInfo(_message.Message):
         loads: _builtins.int = ...,
         load_duration: _duration_pb2.Duration | None = ...,
         acceleration: Global___Acceleration | None = ...,
+        replicas: _abc.Iterable[Global___ModelReplica] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acceleration", b"acceleration", "load_duration", b"load_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceleration", b"acceleration", "checkpoint_class", b"checkpoint_class", "device", b"device", "dtype", b"dtype", "family", b"family", "is_default", b"is_default", "load_duration", b"load_duration", "loads", b"loads", "name", b"name", "on_demand", b"on_demand", "parameter_bytes", b"parameter_bytes", "source", b"source", "state", b"state", "state_reason", b"state_reason", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceleration", b"acceleration", "checkpoint_class", b"checkpoint_class", "device", b"device", "dtype", b"dtype", "family", b"family", "is_default", b"is_default", "load_duration", b"load_duration", "loads", b"loads", "name", b"name", "on_demand", b"on_demand", "parameter_bytes", b"parameter_bytes", "replicas", b"replicas", "source", b"source", "state", b"state", "state_reason", b"state_reason", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class ModelReplica(_message.Message):
+    """One device's copy of a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STATE_REASON_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """The device, e.g. "cuda:1"."""
+    state: Global___ModelState.ValueType
+    """The copy's lifecycle state there."""
+    state_reason: _builtins.str
+    """Why it is in that state (the load error when FAILED)."""
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        state: Global___ModelState.ValueType = ...,
+        state_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelReplica: _TypeAlias = ModelReplica  # noqa: Y015
 
 @_typing.final
 class TaskInfo(_message.Message):
