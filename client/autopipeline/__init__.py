@@ -27,6 +27,7 @@ from autopipeline._errors import (
 )
 from autopipeline._retry import RetryPolicy
 from autopipeline._types import (
+    AdapterInfo,
     Completed,
     Event,
     GeneratedImage,
@@ -49,6 +50,7 @@ from autopipeline._types import (
 )
 
 __all__ = [
+    "AdapterInfo",
     "AsyncClient",
     "AutoPipelineError",
     "CancelledError",
