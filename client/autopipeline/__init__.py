@@ -30,6 +30,7 @@ from autopipeline._errors import (
 )
 from autopipeline._retry import RetryPolicy
 from autopipeline._types import (
+    AdapterInfo,
     Completed,
     DeviceInfo,
     Event,
@@ -54,6 +55,7 @@ from autopipeline._types import (
 )
 
 __all__ = [
+    "AdapterInfo",
     "AsyncClient",
     "AsyncEventStream",
     "AutoPipelineError",

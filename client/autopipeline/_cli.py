@@ -58,6 +58,19 @@ def parse_param(text: str) -> tuple[str, Any]:
     return name, value
 
 
+def parse_adapter(text: str) -> tuple[str, float]:
+    """Parses ``--adapter NAME=WEIGHT`` (a bare NAME applies the adapter at weight 1)."""
+    name, equals, raw = (part.strip() for part in text.partition("="))
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT, got {text!r}")
+    try:
+        return name, float(raw) if equals else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"the weight of adapter {name!r} must be a number, got {raw!r}"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``autopipeline`` command."""
     parser = argparse.ArgumentParser(
@@ -94,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image", type=pathlib.Path, metavar="FILE", help="input image")
     generate.add_argument(
         "--mask", type=pathlib.Path, metavar="FILE", help="inpainting mask (white = repaint)"
+    )
+    generate.add_argument(
+        "--control-image", type=pathlib.Path, metavar="FILE", help="ControlNet conditioning image"
+    )
+    generate.add_argument(
+        "--adapter",
+        type=parse_adapter,
+        action="append",
+        default=[],
+        metavar="NAME=WEIGHT",
+        help="apply a LoRA adapter the model registers, at this weight (default 1); repeatable",
     )
     generate.add_argument("--model", default="", metavar="NAME", help="default: the server's default model")
     generate.add_argument(
@@ -220,6 +244,8 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         negative_prompt=args.negative_prompt,
         image=args.image_data,
         mask_image=args.mask_data,
+        control_image=args.control_image,
+        adapters=dict(args.adapter),
         width=args.width,
         height=args.height,
         num_inference_steps=args.steps,
@@ -373,6 +399,10 @@ def format_server_info(info: ServerInfo) -> str:
         lines.append(f"  family:  {model.family} ({model.checkpoint_class})")
         lines.append(f"  dtype:   {model.dtype} on {model.device}")
         lines.append(f"  memory:  {model.parameter_bytes / 2**20:.1f} MiB")
+        if model.controlnet:
+            lines.append(f"  controlnet: {model.controlnet} (requests need a control image)")
+        if model.adapters:
+            lines.append(f"  adapters: {', '.join(adapter.name for adapter in model.adapters)}")
         width = max((len(task.task.value) for task in model.tasks), default=0)
         for task in model.tasks:
             previews = ", previews" if task.supports_previews else ""

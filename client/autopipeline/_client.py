@@ -284,6 +284,10 @@ class Client(_BaseClient):
             image: The input image of image-to-image and inpainting: a PIL image, bytes or a path.
             mask_image: The inpainting mask (white is repainted, black kept), as for ``image``;
                 without ``image`` it raises `ValueError` before anything is sent.
+            control_image: The ControlNet conditioning image (edges, depth, pose...), as for ``image``;
+                required by models served with a ControlNet (`ModelInfo.controlnet`), refused by others.
+            adapters: LoRA adapters to apply to this request only, by name with their weights
+                (e.g. ``{"watercolor": 0.8}``); names from `ModelInfo.adapters`.
             width: Output width, a multiple of 8; None lets the server decide.
             height: Output height, a multiple of 8; None lets the server decide.
             num_inference_steps: Denoising steps; None uses the pipeline's default.

@@ -45,6 +45,8 @@ def generate_call(
     negative_prompt: str = "",
     image: ImageInput | None = None,
     mask_image: ImageInput | None = None,
+    control_image: ImageInput | None = None,
+    adapters: Mapping[str, float] | None = None,
     width: int | None = None,
     height: int | None = None,
     num_inference_steps: int | None = None,
@@ -92,6 +94,12 @@ def generate_call(
         base.image.CopyFrom(encode_image(image))
     if mask_image is not None:
         base.mask_image.CopyFrom(encode_image(mask_image))
+    if control_image is not None:
+        base.control_image.CopyFrom(encode_image(control_image))
+    for name, weight in (adapters or {}).items():
+        if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"adapters must map adapter names to numbers, got {name!r}: {weight!r}")
+        base.adapters.append(pb.AdapterWeight(name=name, weight=float(weight)))
     if parameters:
         try:
             base.parameters.update(parameters)
@@ -423,6 +431,10 @@ def _model_info(message: pb.ModelInfo) -> _types.ModelInfo:
                 or _types.ModelState.UNKNOWN,
             )
             for replica in message.replicas
+        ],
+        adapters=[
+            _types.AdapterInfo(name=adapter.name, components=list(adapter.components))
+            for adapter in message.adapters
         ],
         # A task from a newer contract cannot be requested through this SDK, so it is left out.
         tasks=[task for task in tasks if task is not None],

@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from autopipeline._errors import ProtocolError
 
 __all__ = [
+    "AdapterInfo",
     "Completed",
     "Event",
     "GeneratedImage",
@@ -494,6 +495,23 @@ class TaskInfo:
     """Whether ``preview_interval`` is supported."""
     size_multiple: int
     """Output width and height must be multiples of this."""
+    requires_control_image: bool
+    """Whether the task runs a ControlNet pipeline, so requests must pass ``control_image``."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    """A LoRA adapter the operator registered for a model; requests apply it with ``adapters=``.
+
+    Example:
+        >>> [(a.name, a.components) for a in model.adapters]
+        [('watercolor', ['unet'])]
+    """
+
+    name: str
+    """The name requests use."""
+    components: list[str]
+    """The model components it changes, e.g. ``"unet"`` or ``"text_encoder"``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +573,10 @@ class ModelInfo:
     replicas: list[tuple[str, ModelState]]
     """``(device, state)`` of the model's copy on each device; ``device`` above is the first
     device where it is ready."""
+    controlnet: str
+    """Where the model's ControlNet comes from (its tasks then need ``control_image``); empty: none."""
+    adapters: list[AdapterInfo]
+    """The LoRA adapters requests may apply by name (``adapters={"name": weight}``)."""
 
 
 @dataclass(frozen=True, slots=True)

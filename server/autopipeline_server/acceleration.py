@@ -18,6 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._pytree import tree_map_only
 
+from autopipeline_server.controlnet import warm_up_image
 from autopipeline_server.domain import GenerationRequest, Task
 from autopipeline_server.settings import Settings
 
@@ -116,6 +117,10 @@ class AccelerationReport:
     def eager_fallbacks(self) -> int:
         return self.dispatcher.eager_fallbacks if self.dispatcher else 0
 
+    @property
+    def adapter_calls(self) -> int:
+        return self.dispatcher.adapter_calls if self.dispatcher else 0
+
 
 def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Signature:
     """The shapes of every tensor argument (by position or name, nested dicts included)."""
@@ -160,7 +165,9 @@ class DenoiserDispatcher:
         self.compiled_calls = 0
         self.eager_calls = 0
         self.eager_fallbacks = 0
+        self.adapter_calls = 0
         self._warming: Task | None = None
+        self._eager = False
 
     @contextlib.contextmanager
     def warming(self, task: Task) -> Iterator[None]:
@@ -170,7 +177,19 @@ class DenoiserDispatcher:
         finally:
             self._warming = None
 
+    @contextlib.contextmanager
+    def eagerly(self) -> Iterator[None]:
+        """Runs the block's denoiser calls eagerly: LoRA adapters are on; graphs hold base weights only."""
+        self._eager = True
+        try:
+            yield
+        finally:
+            self._eager = False
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._eager:
+            self.adapter_calls += 1
+            return self.eager_forward(*args, **kwargs)
         args, kwargs = _normalise_inputs(args, kwargs)
         signature = _signature(args, kwargs)
         if self._warming is not None:
@@ -314,6 +333,7 @@ def _hot_requests(model: LoadedModel, plan: AccelerationPlan) -> Iterator[tuple[
                         mask_image=PIL.Image.new("L", (width, height), 255)
                         if task is Task.INPAINTING
                         else None,
+                        control_image=warm_up_image(target, (width, height)),
                     ),
                     batch,
                 )
@@ -323,7 +343,10 @@ def _prepare_denoiser(module: torch.nn.Module, model: LoadedModel) -> None:
     """The eager-side speed-ups both paths share: channels_last convolutions and fused QKV projections."""
     module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     fuse = getattr(module, "fuse_qkv_projections", None)
-    if callable(fuse):
+    if getattr(module, "peft_config", None):
+        # Fused projections would bypass the LoRA layers wrapping to_q/to_k/to_v.
+        log.info("%s: no fused QKV projections: LoRA adapters are loaded", model.spec.name)
+    elif callable(fuse):
         try:
             fuse()
         except ValueError as err:  # e.g. added KV projections: the family does not support it

@@ -22,6 +22,7 @@ FIELD_ARGUMENTS = {
     "num_images_per_prompt": "num_images",
     "image": "image",
     "mask_image": "mask_image",
+    "control_image": "control_image",
 }
 # Call arguments the server owns: callbacks, randomness, output control and tensors.
 RESERVED_ARGUMENTS = frozenset(

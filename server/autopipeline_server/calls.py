@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import PIL.Image
 import torch
 
+from autopipeline_server import adapters, controlnet
 from autopipeline_server.domain import GenerationRequest, Task
 from autopipeline_server.errors import OutOfMemory
 from autopipeline_server.pipelines import LoadedModel
@@ -171,7 +172,7 @@ def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list
     pipe.progress_bar = reporter
     out_of_memory = False
     try:
-        with torch.inference_mode():
+        with adapters.applied(first.model, pipe, first.adapters), torch.inference_mode():
             output = pipe(**kwargs)
     except (ValueError, TypeError) as err:
         # Arguments were validated already; what remains are the pipeline's own input checks.
@@ -233,6 +234,7 @@ def warm_up(model: LoadedModel) -> None:
         seed=0,
         image=image,
         mask_image=mask,
+        control_image=controlnet.warm_up_image(target, size),
     )
     started = time.perf_counter()
     run_call(prepare_call(model, request), _Quiet())

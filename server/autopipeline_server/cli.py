@@ -61,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=SOURCE",
         help="a local checkpoint directory or a hub id to serve; repeatable; the first is the default",
     )
+    serve.add_argument(
+        "--controlnet",
+        dest="controlnets",
+        action="append",
+        metavar="MODEL=SOURCE",
+        help="serve MODEL's tasks through their ControlNet pipelines with this ControlNet (a directory or "
+        "hub id); requests then carry a control image; repeatable",
+    )
+    serve.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        metavar="MODEL:NAME=PATH",
+        help="register a LoRA adapter (a local .safetensors file) for MODEL under NAME; requests apply "
+        "adapters by name and weight; repeatable",
+    )
     serve.add_argument("--config", help="a TOML or YAML file with the same settings (flags win)")
     serve.add_argument("--host", help="address to bind (default [::])")
     serve.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
@@ -130,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("out_dir", type=Path)
+
+    lora = commands.add_parser(
+        "tiny-lora", help="write a tiny random LoRA adapter for a checkpoint's UNet (offline)"
+    )
+    lora.add_argument("checkpoint", type=Path, help="a diffusers checkpoint directory with a unet/")
+    lora.add_argument("out_file", type=Path, help="the .safetensors file to write")
+    lora.add_argument("--seed", type=int, default=0)
 
     probe = commands.add_parser("health", help="exit 0 if a server reports SERVING (for container probes)")
     probe.add_argument("--target", default="localhost:50051")
@@ -222,6 +245,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         print(path)
+        return 0
+    if args.command == "tiny-lora":
+        from autopipeline_server.tiny_lora import build_tiny_lora
+
+        try:
+            print(build_tiny_lora(args.checkpoint, args.out_file, seed=args.seed))
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "health":
         return check_health(

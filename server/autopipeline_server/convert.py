@@ -23,8 +23,10 @@ from autopipeline_server.codecs import (
     chunks,
     decode_image,
 )
+from autopipeline_server.controlnet import controlnet_source, requires_control_image
 from autopipeline_server.devices import DevicePool
 from autopipeline_server.domain import (
+    AdapterWeight,
     Finished,
     GenerationRequest,
     ModelState,
@@ -99,6 +101,8 @@ MAX_SEED = 2**64 - 1
 # Configured names are at most 128 characters (settings.ModelSpec); a source is a hub id or a path.
 MAX_MODEL_NAME_LENGTH = 128
 MAX_SOURCE_LENGTH = 1024
+# Adapters one request may apply; registered adapters are checked by name once the model is known.
+MAX_ADAPTERS = 16
 
 
 def generation_request(request: pb.GenerateRequest, limits: Limits) -> GenerationRequest:
@@ -184,6 +188,15 @@ def generation_request(request: pb.GenerateRequest, limits: Limits) -> Generatio
             )
         except InvalidRequest as err:
             v.errors.append(err)
+    control_image = None
+    if request.HasField("control_image"):
+        try:
+            control_image = decode_image(
+                request.control_image.data, field="control_image", max_pixels=limits.max_input_pixels
+            )
+        except InvalidRequest as err:
+            v.errors.append(err)
+    adapters = _adapter_weights(request, v)
     if image is not None and mask is not None and mask.size != image.size:
         v.add(
             "mask_image",
@@ -209,7 +222,26 @@ def generation_request(request: pb.GenerateRequest, limits: Limits) -> Generatio
         scheduler=request.scheduler,
         preview_interval=request.preview_interval,
         parameters=parameters,
+        control_image=control_image,
+        adapters=adapters,
     )
+
+
+def _adapter_weights(request: pb.GenerateRequest, v: _Violations) -> tuple[AdapterWeight, ...]:
+    """The request's adapters, each named once with a finite weight (the names are the model's to check)."""
+    if len(request.adapters) > MAX_ADAPTERS:
+        v.add("adapters", f"names {len(request.adapters)} adapters; the limit is {MAX_ADAPTERS}")
+        return ()
+    seen: set[str] = set()
+    for index, adapter in enumerate(request.adapters):
+        if not adapter.name:
+            v.add(f"adapters[{index}].name", "is empty; name an adapter from Inspect's ModelInfo.adapters")
+        elif adapter.name in seen:
+            v.add(f"adapters[{index}].name", f"{adapter.name!r} is named twice")
+        seen.add(adapter.name)
+        if not math.isfinite(adapter.weight):
+            v.add(f"adapters[{index}].weight", f"must be a finite number, got {adapter.weight}")
+    return tuple(AdapterWeight(adapter.name, adapter.weight) for adapter in request.adapters)
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
@@ -334,6 +366,7 @@ def task_info(target: TaskPipeline) -> pb.TaskInfo:
         default_height=target.default_size[1],
         supports_previews=target.supports_previews,
         size_multiple=target.size_multiple,
+        requires_control_image=requires_control_image(target),
     )
 
 
@@ -372,6 +405,13 @@ def model_info(entry: ModelEntry, *, default_model: str, device: str, dtype: str
         dtype=dtype,
     )
     model = entry.model
+    # Registered adapters are listed in every state; what each changes is known once it is loaded.
+    loaded = model.adapters if model is not None else {}
+    info.adapters.extend(
+        pb.AdapterInfo(name=adapter.name, components=list(loaded.get(adapter.name, ())))
+        for adapter in entry.spec.adapters
+    )
+    info.controlnet = controlnet_source(model) if model is not None else entry.spec.controlnet
     if model is not None:
         info.family = model.family
         info.checkpoint_class = model.checkpoint_class
@@ -406,6 +446,7 @@ def acceleration_info(report: AccelerationReport) -> pb.Acceleration:
         eager_calls=report.eager_calls,
         eager_fallbacks=report.eager_fallbacks,
         error=report.error,
+        adapter_calls=report.adapter_calls,
     )
 
 

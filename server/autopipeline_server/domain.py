@@ -25,6 +25,14 @@ class ModelState(Enum):
 
 
 @dataclass(frozen=True)
+class AdapterWeight:
+    """A LoRA adapter a request applies, by its registered name, and its weight."""
+
+    name: str
+    weight: float
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """A validated request, before it is resolved against a model's pipeline."""
 
@@ -46,6 +54,9 @@ class GenerationRequest:
     scheduler: str = ""
     preview_interval: int = 0
     parameters: dict[str, Any] = field(default_factory=dict)
+    # The ControlNet conditioning image (controlnet.py), and LoRA adapters to apply (adapters.py).
+    control_image: PIL.Image.Image | None = None
+    adapters: tuple[AdapterWeight, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from diffusers import (
 from diffusers.pipelines import auto_pipeline
 
 from autopipeline_server.arguments import ParameterInfo, call_parameters
+from autopipeline_server.controlnet import load_controlnet
 from autopipeline_server.domain import Task
 from autopipeline_server.errors import ModelFailed, TaskNotSupported
 from autopipeline_server.settings import ModelSpec
@@ -112,6 +113,8 @@ class LoadedModel:
     tasks: dict[Task, TaskPipeline] = field(default_factory=dict)
     # Set by acceleration.accelerate once the model is loaded (None: not applied).
     acceleration: AccelerationReport | None = None
+    # LoRA adapters loaded by adapters.load_adapters: name -> the components each changes.
+    adapters: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> None:
         """Moves the shared modules (every task pipeline's) to `device`."""
@@ -257,15 +260,21 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype, allow_pickle: bool) -> Lo
         (t for t, cls in classes.items() if cls.__name__ == checkpoint_class), next(iter(classes))
     )
     started = time.perf_counter()
+    # A configured ControlNet makes AutoPipeline pick each task's ControlNet pipeline instead.
+    controlnet = load_controlnet(spec, dtype=dtype, allow_pickle=allow_pickle)
     try:
         base = AUTO_PIPELINES[own_task].from_pretrained(
             spec.source,
             dtype=dtype,
             use_safetensors=None if allow_pickle else True,
             local_files_only=Path(spec.source).is_dir(),
+            **controlnet,
         )
     except Exception as err:
         raise ModelFailed(f"loading {spec.source!r} failed: {type(err).__name__}: {err}") from err
+    if controlnet:
+        classes = task_classes(type(base).__name__)
+        family = family_of(type(base).__name__) or family
     base.set_progress_bar_config(disable=True)
     tasks = list(classes)
     if _is_inpainting_unet(base):

@@ -14,14 +14,15 @@ from typing import Any
 
 import PIL.Image
 
+from autopipeline_server import adapters, controlnet
 from autopipeline_server.arguments import FIELD_ARGUMENTS, RESERVED_ARGUMENTS, coerce, jsonable
-from autopipeline_server.domain import GenerationRequest
+from autopipeline_server.domain import AdapterWeight, GenerationRequest
 from autopipeline_server.errors import InvalidRequest
 from autopipeline_server.pipelines import LoadedModel, TaskPipeline
 
 # Arguments that differ between the members of a batched call; each member's go into lists.
 PER_MEMBER_ARGUMENTS = frozenset(
-    {"prompt", "negative_prompt", "num_images_per_prompt", "image", "mask_image"}
+    {"prompt", "negative_prompt", "num_images_per_prompt", "image", "mask_image", "control_image"}
 )
 # Secondary prompts are broadcast against the prompt list in ways that differ by family: run alone.
 UNBATCHABLE_ARGUMENTS = frozenset({"prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3"})
@@ -40,13 +41,16 @@ class PreparedCall:
     height: int
     scheduler: str
     preview_interval: int
+    # LoRA adapters applied to this call only (adapters.py), in canonical order.
+    adapters: tuple[AdapterWeight, ...] = ()
 
     def batch_key(self) -> str | None:
         """Calls with equal keys can share one pipeline call; None means this call runs alone.
 
         Everything but the prompts, inputs and seeds must match: model, task, size, steps,
-        guidance, strength, scheduler, previews and every extra argument. Whether a negative
-        prompt is present matters too: SDXL treats an absent one (zeros) differently from "".
+        guidance, strength, scheduler, previews, LoRA adapters with their weights, and every extra
+        argument. Whether a negative prompt is present matters too: SDXL treats an absent one
+        (zeros) differently from "".
         """
         if UNBATCHABLE_ARGUMENTS & self.kwargs.keys():
             return None
@@ -65,6 +69,7 @@ class PreparedCall:
                 self.preview_interval,
                 "negative_prompt" in self.kwargs,
                 sorted(zip(shared, values, strict=True)),
+                [[adapter.name, adapter.weight] for adapter in self.adapters],
             ]
         )
 
@@ -72,7 +77,7 @@ class PreparedCall:
         """The call arguments JSON can express, for the `completed` event (seeds have typed fields)."""
         resolved: dict[str, Any] = {}
         for name, value in self.kwargs.items():
-            if name in ("image", "mask_image"):
+            if name in ("image", "mask_image", "control_image"):
                 continue
             ok, converted = jsonable(value)
             if ok:
@@ -110,9 +115,10 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
     named = target.named_arguments
     multiple = target.size_multiple
 
-    # Sizes: explicit, else the input image's size (rounded down), else the model default.
-    if request.image is not None:
-        base_width, base_height = (_round_down(side, multiple) for side in request.image.size)
+    # Sizes: explicit, else the input (or else the control) image's size rounded down, else the default.
+    sized_by = request.image if request.image is not None else request.control_image
+    if sized_by is not None:
+        base_width, base_height = (_round_down(side, multiple) for side in sized_by.size)
     else:
         base_width, base_height = target.default_size
     width = request.width if request.width is not None else base_width
@@ -152,7 +158,7 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
 
     if "height" in named and "width" in named:
         kwargs["height"], kwargs["width"] = height, width
-    elif request.image is None and (width, height) != target.default_size:
+    elif sized_by is None and (width, height) != target.default_size:
         problems.add("width", f"{target.pipeline_class} cannot set the output size")
 
     if request.image is not None:
@@ -165,6 +171,12 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
         if mask.size != (width, height):
             mask = mask.resize((width, height), PIL.Image.Resampling.NEAREST)
         kwargs["mask_image"] = mask
+
+    control, control_problems = controlnet.control_kwargs(target, request.control_image, (width, height))
+    kwargs.update(control)
+    problems.errors.extend(control_problems)
+    call_adapters, adapter_problems = adapters.resolve(model, request.adapters)
+    problems.errors.extend(adapter_problems)
 
     scheduler = request.scheduler or target.default_scheduler
     if scheduler not in target.schedulers:
@@ -209,4 +221,5 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
         height=height,
         scheduler=scheduler,
         preview_interval=request.preview_interval,
+        adapters=call_adapters,
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
-import functools
 import gc
 import logging
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from autopipeline_server.acceleration import AccelerationPlan, accelerate
+from autopipeline_server.adapters import load_adapters
 from autopipeline_server.calls import warm_up
 from autopipeline_server.domain import ModelState
 from autopipeline_server.errors import (
@@ -265,10 +265,14 @@ class ModelRegistry:
             accelerate(model, plan)
 
         plan = self.acceleration
+
+        def read() -> LoadedModel:
+            model = load_model(spec, dtype=self.dtype, allow_pickle=self.settings.allow_pickle)
+            # Before `accelerate` compiles: hot-swapping needs its preparation first.
+            load_adapters(model, prepare_hotswap=plan.mode == "compile")
+            return model
+
         try:
-            read = functools.partial(
-                load_model, spec, dtype=self.dtype, allow_pickle=self.settings.allow_pickle
-            )
             model = await asyncio.get_running_loop().run_in_executor(self._loader, read)
             await self._worker.run_on_device(place, model)
         except ServingError as err:

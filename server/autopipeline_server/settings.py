@@ -24,6 +24,11 @@ _HOT_SHAPE = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
 # A hub repository id ("org/name"); anything else that is not a directory is no source.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# peft keys adapters by name in torch ModuleDicts, which refuse '.' in keys.
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# Per-model options given as flags or environment variables ("NAME=SOURCE", "MODEL:NAME=PATH"); in a
+# config file they are fields of the model entry (see `_model_from_mapping`).
+MODEL_OPTIONS = ("controlnets", "loras")
 # A bearer token travels as gRPC metadata: printable ASCII, and no spaces so "Bearer <token>" parses.
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")
 # Secrets come from `auth_token_file` or this variable, never from a config file or a flag
@@ -36,11 +41,34 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter registered for a model: the name requests use and its local safetensors file."""
+
+    name: str
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterSpec:
+        """Parses `NAME=PATH`."""
+        name, sep, path = (part.strip() for part in text.partition("="))
+        if not sep or not path:
+            raise ConfigError(f"LoRA adapter {text!r} must be NAME=PATH")
+        if not _ADAPTER_NAME.match(name):
+            raise ConfigError(f"LoRA adapter name {name!r} must be 1-64 letters, digits, '_' or '-'")
+        return cls(name=name, path=path)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A model to serve: the name requests use and where its weights are (a directory or a hub id)."""
 
     name: str
     source: str
+    # A ControlNet (directory or hub id) to serve the model's ControlNet pipelines with; empty: none
+    # beyond one the checkpoint itself holds.
+    controlnet: str = ""
+    # LoRA adapters loaded with the model, which requests may apply by name.
+    adapters: tuple[AdapterSpec, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
@@ -182,6 +210,8 @@ class Settings:
         if not 0 <= self.png_compress_level <= 9:
             raise ConfigError("png_compress_level must be between 0 and 9")
         self._validate_security()
+        for model in self.models:
+            _validate_model_options(model)
         self.limits.validate()
         return self
 
@@ -204,6 +234,20 @@ class Settings:
             path = getattr(self, name)
             if path:
                 _read_pem(name, path)
+
+
+def _validate_model_options(model: ModelSpec) -> None:
+    names = [adapter.name for adapter in model.adapters]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"model {model.name!r}: LoRA adapter names must be unique: {', '.join(duplicates)}")
+    for adapter in model.adapters:
+        path = Path(adapter.path)
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise ConfigError(
+                f"model {model.name!r}: LoRA adapter {adapter.name!r} must be a local .safetensors file, "
+                f"got {adapter.path!r}"
+            )
 
 
 def parse_hot_shape(text: str) -> tuple[int, int, int | None]:
@@ -338,12 +382,77 @@ def _models_from(value: Any) -> tuple[ModelSpec, ...]:
                 specs.append(item)
             elif isinstance(item, str):
                 specs.append(ModelSpec.parse(item))
-            elif isinstance(item, Mapping) and set(item) == {"name", "source"}:
-                specs.append(ModelSpec.parse(f"{item['name']}={item['source']}"))
+            elif isinstance(item, Mapping):
+                specs.append(_model_from_mapping(item))
             else:
                 raise ConfigError(f"a model entry must be NAME=SOURCE or {{name, source}}, got {item!r}")
         return tuple(specs)
     raise ConfigError(f"models must be a list, got {value!r}")
+
+
+def _model_from_mapping(item: Mapping[str, Any]) -> ModelSpec:
+    """A config file's model entry: {name, source} and optionally controlnet and loras.
+
+    `loras` maps adapter names to safetensors files ({style: /loras/style.safetensors}), or lists
+    NAME=PATH strings.
+    """
+    keys = set(item)
+    optional = {"controlnet", "loras"}
+    if not {"name", "source"} <= keys or keys - {"name", "source", *optional}:
+        raise ConfigError(
+            f"a model entry must be NAME=SOURCE or {{name, source}} (optionally with controlnet and "
+            f"loras), got {dict(item)!r}"
+        )
+    spec = ModelSpec.parse(f"{item['name']}={item['source']}")
+    controlnet = item.get("controlnet", "")
+    if not isinstance(controlnet, str):
+        raise ConfigError(
+            f"model {spec.name!r}: controlnet must be a directory or hub id, got {controlnet!r}"
+        )
+    loras = item.get("loras", ())
+    if isinstance(loras, Mapping):
+        texts = [f"{name}={path}" for name, path in loras.items()]
+    elif isinstance(loras, Sequence) and not isinstance(loras, str):
+        texts = [str(text) for text in loras]
+    else:
+        raise ConfigError(f"model {spec.name!r}: loras must map names to files, got {loras!r}")
+    adapters = tuple(AdapterSpec.parse(text) for text in texts)
+    return dataclasses.replace(spec, controlnet=controlnet.strip(), adapters=adapters)
+
+
+def _split_model_options(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Settings, and the per-model options (`MODEL_OPTIONS`) given beside them, apart."""
+    rest = {k: v for k, v in values.items() if k not in MODEL_OPTIONS}
+    options = {k: v for k, v in values.items() if k in MODEL_OPTIONS and v is not None}
+    return rest, options
+
+
+def _attach_model_options(
+    models: tuple[ModelSpec, ...], options: Mapping[str, Any], origin: str
+) -> tuple[ModelSpec, ...]:
+    """Folds `--controlnet MODEL=SOURCE` and `--lora MODEL:NAME=PATH` into the configured models."""
+    by_name = {model.name: model for model in models}
+
+    def model(name: str, text: str) -> ModelSpec:
+        if name not in by_name:
+            served = ", ".join(by_name) or "none"
+            raise ConfigError(f"{origin}: {text!r} names model {name!r}, which is not configured ({served})")
+        return by_name[name]
+
+    for text in _coerce("controlnets", options.get("controlnets", ()), ()):
+        name, sep, source = (part.strip() for part in text.partition("="))
+        if not sep or not source:
+            raise ConfigError(f"{origin}: controlnet {text!r} must be MODEL=SOURCE")
+        by_name[name] = dataclasses.replace(model(name, text), controlnet=source)
+    for text in _coerce("loras", options.get("loras", ()), ()):
+        name, sep, rest = (part.strip() for part in text.partition(":"))
+        if not sep:
+            raise ConfigError(f"{origin}: lora {text!r} must be MODEL:NAME=PATH")
+        adapter = AdapterSpec.parse(rest)
+        spec = model(name, text)
+        kept = tuple(a for a in spec.adapters if a.name != adapter.name)
+        by_name[name] = dataclasses.replace(spec, adapters=(*kept, adapter))
+    return tuple(by_name[model.name] for model in models)
 
 
 def _apply(settings: Settings, values: Mapping[str, Any], origin: str) -> Settings:
@@ -399,8 +508,13 @@ def load_settings(
         for key, value in environ.items()
         if key.startswith(ENV_PREFIX) and key not in (f"{ENV_PREFIX}CONFIG", TOKENS_VARIABLE)
     }
+    env_values, env_options = _split_model_options(env_values)
+    flag_values, flag_options = _split_model_options({k: v for k, v in flags.items() if v is not None})
     settings = _apply(settings, env_values, "environment")
-    settings = _apply(settings, {k: v for k, v in flags.items() if v is not None}, "flags")
+    settings = _apply(settings, flag_values, "flags")
+    # Per-model options apply to the final model list, whichever layer named the models.
+    models = _attach_model_options(settings.models, env_options, "environment")
+    settings = dataclasses.replace(settings, models=_attach_model_options(models, flag_options, "flags"))
     # Tokens from both places admit calls; the order is kept only so errors can number them.
     tokens = _coerce("tokens", environ.get(TOKENS_VARIABLE, ""), ())
     if settings.auth_token_file:

@@ -460,6 +460,13 @@ def _build_sd15_controlnet(seed: int) -> DiffusionPipeline:
         cross_attention_dim=_CLIP_HIDDEN,
         conditioning_embedding_out_channels=(4, 8, 8, 16),
     )
+    # A ControlNet starts with zero convolutions (a trained one has long left them): random ones make
+    # the control image change the output, so tests can tell whose control image a call used.
+    zero_convs = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks]
+    with torch.no_grad():
+        for conv in [*zero_convs, controlnet.controlnet_mid_block]:
+            for parameter in conv.parameters():
+                parameter.normal_(0.0, 0.3)
     return StableDiffusionControlNetPipeline(
         **components, controlnet=controlnet, requires_safety_checker=False
     )

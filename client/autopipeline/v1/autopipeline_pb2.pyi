@@ -23,7 +23,7 @@ Rules of the wire, for clients in any language:
   | INVALID_ARGUMENT    | INVALID_REQUEST        | a field is missing, malformed or out of range |
   | INVALID_ARGUMENT    | FIELD_NOT_APPLICABLE   | a field the task does not use was set         |
   | INVALID_ARGUMENT    | UNKNOWN_PARAMETER      | `parameters` names no accepted argument       |
-  | INVALID_ARGUMENT    | INVALID_IMAGE          | `image`/`mask_image` cannot be decoded        |
+  | INVALID_ARGUMENT    | INVALID_IMAGE          | an input image cannot be decoded              |
   | NOT_FOUND           | MODEL_NOT_FOUND        | no such `model`, or `source` is not allowed   |
   | FAILED_PRECONDITION | TASK_NOT_SUPPORTED     | the model cannot perform `task`               |
   | FAILED_PRECONDITION | MODEL_FAILED           | the model failed to load (reason in message)  |
@@ -243,6 +243,8 @@ class GenerateRequest(_message.Message):
     PREVIEW_INTERVAL_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    CONTROL_IMAGE_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A configured model name, as listed by `Inspect` (letters, digits, '.',
     '_' and '-'; never a path or hub id). Empty selects the server's default
@@ -258,7 +260,8 @@ class GenerateRequest(_message.Message):
     width: _builtins.int
     """Output width in pixels, a multiple of the task's `TaskInfo.size_multiple`.
     Unset: the model's default, or for image-to-image and inpainting the
-    input image's width rounded down to that multiple.
+    input image's width rounded down to that multiple (for text-to-image with
+    a ControlNet, the `control_image`'s).
     """
     height: _builtins.int
     """Output height in pixels; the same rules as `width`."""
@@ -322,6 +325,24 @@ class GenerateRequest(_message.Message):
         are rejected.
         """
 
+    @_builtins.property
+    def control_image(self) -> Global___Image:
+        """The ControlNet conditioning image (an edge map, a depth map, a pose...).
+        Required by models served with a ControlNet (`TaskInfo.requires_control_image`)
+        and rejected (FIELD_NOT_APPLICABLE) by every other model; resized to the
+        output size. The same limits apply as to `image`. Tune it with
+        `controlnet_conditioning_scale`, `control_guidance_start` and
+        `control_guidance_end` in `parameters`.
+        """
+
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterWeight]:
+        """LoRA adapters to apply to this request only, by name from the model's
+        `ModelInfo.adapters`, each at its weight (1.0: as trained). Empty: the base
+        model, exactly as if no adapter were registered. A name may appear once.
+        Requests with different adapters or weights never share a pipeline call.
+        """
+
     def __init__(
         self,
         *,
@@ -344,10 +365,12 @@ class GenerateRequest(_message.Message):
         preview_interval: _builtins.int = ...,
         parameters: _struct_pb2.Struct | None = ...,
         source: _builtins.str = ...,
+        control_image: Global___Image | None = ...,
+        adapters: _abc.Iterable[Global___AdapterWeight] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_inference_steps", b"_num_inference_steps", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "image", b"image", "mask_image", b"mask_image", "num_inference_steps", b"num_inference_steps", "parameters", b"parameters", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_inference_steps", b"_num_inference_steps", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "control_image", b"control_image", "guidance_scale", b"guidance_scale", "height", b"height", "image", b"image", "mask_image", b"mask_image", "num_inference_steps", b"num_inference_steps", "parameters", b"parameters", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_inference_steps", b"_num_inference_steps", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "image", b"image", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "output_quality", b"output_quality", "parameters", b"parameters", "preview_interval", b"preview_interval", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "source", b"source", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_inference_steps", b"_num_inference_steps", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "adapters", b"adapters", "control_image", b"control_image", "guidance_scale", b"guidance_scale", "height", b"height", "image", b"image", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "output_quality", b"output_quality", "parameters", b"parameters", "preview_interval", b"preview_interval", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "source", b"source", "strength", b"strength", "task", b"task", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -375,6 +398,34 @@ class GenerateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class AdapterWeight(_message.Message):
+    """A LoRA adapter a request applies, and how strongly."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The adapter's name, one of `ModelInfo.adapters`."""
+    weight: _builtins.float
+    """The adapter's weight: a finite number; 1.0 applies it as trained, 0.0
+    not at all, negative values invert it.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterWeight: _TypeAlias = AdapterWeight  # noqa: Y015
 
 @_typing.final
 class GenerateResponse(_message.Message):
@@ -1074,6 +1125,8 @@ class ModelInfo(_message.Message):
     LOAD_DURATION_FIELD_NUMBER: _builtins.int
     ACCELERATION_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    CONTROLNET_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use."""
     source: _builtins.str
@@ -1103,6 +1156,11 @@ class ModelInfo(_message.Message):
     """How many times the weights were loaded since the server started (more
     than 1 after an on-demand model was evicted and needed again).
     """
+    controlnet: _builtins.str
+    """Where the model's ControlNet comes from: the ControlNet source the
+    operator configured for it, or `source` itself for a checkpoint saved with
+    a ControlNet; empty for a model without one.
+    """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskInfo]:
         """The tasks the model can perform, in Task order."""
@@ -1125,6 +1183,10 @@ class ModelInfo(_message.Message):
         fields above describe the copy on the first device where it is ready.
         """
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterInfo]:
+        """The LoRA adapters requests may apply (`GenerateRequest.adapters`), by name."""
+
     def __init__(
         self,
         *,
@@ -1144,10 +1206,12 @@ class ModelInfo(_message.Message):
         load_duration: _duration_pb2.Duration | None = ...,
         acceleration: Global___Acceleration | None = ...,
         replicas: _abc.Iterable[Global___ModelReplica] | None = ...,
+        controlnet: _builtins.str = ...,
+        adapters: _abc.Iterable[Global___AdapterInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acceleration", b"acceleration", "load_duration", b"load_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceleration", b"acceleration", "checkpoint_class", b"checkpoint_class", "device", b"device", "dtype", b"dtype", "family", b"family", "is_default", b"is_default", "load_duration", b"load_duration", "loads", b"loads", "name", b"name", "on_demand", b"on_demand", "parameter_bytes", b"parameter_bytes", "replicas", b"replicas", "source", b"source", "state", b"state", "state_reason", b"state_reason", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceleration", b"acceleration", "adapters", b"adapters", "checkpoint_class", b"checkpoint_class", "controlnet", b"controlnet", "device", b"device", "dtype", b"dtype", "family", b"family", "is_default", b"is_default", "load_duration", b"load_duration", "loads", b"loads", "name", b"name", "on_demand", b"on_demand", "parameter_bytes", b"parameter_bytes", "replicas", b"replicas", "source", b"source", "state", b"state", "state_reason", b"state_reason", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1184,6 +1248,34 @@ class ModelReplica(_message.Message):
 Global___ModelReplica: _TypeAlias = ModelReplica  # noqa: Y015
 
 @_typing.final
+class AdapterInfo(_message.Message):
+    """A LoRA adapter registered for a model by the operator, loaded with it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    COMPONENTS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name requests use."""
+    @_builtins.property
+    def components(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The model components it changes, e.g. "unet" or "text_encoder"."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        components: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterInfo: _TypeAlias = AdapterInfo  # noqa: Y015
+
+@_typing.final
 class TaskInfo(_message.Message):
     """How a model performs one task."""
 
@@ -1198,6 +1290,7 @@ class TaskInfo(_message.Message):
     DEFAULT_HEIGHT_FIELD_NUMBER: _builtins.int
     SUPPORTS_PREVIEWS_FIELD_NUMBER: _builtins.int
     SIZE_MULTIPLE_FIELD_NUMBER: _builtins.int
+    REQUIRES_CONTROL_IMAGE_FIELD_NUMBER: _builtins.int
     task: Global___Task.ValueType
     """The task."""
     pipeline_class: _builtins.str
@@ -1212,6 +1305,10 @@ class TaskInfo(_message.Message):
     """Whether `preview_interval` is supported."""
     size_multiple: _builtins.int
     """Output width and height must be multiples of this."""
+    requires_control_image: _builtins.bool
+    """Whether the task's pipeline is a ControlNet pipeline: requests must carry
+    a `control_image`.
+    """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterInfo]:
         """The arguments `GenerateRequest.parameters` accepts for this task."""
@@ -1232,10 +1329,11 @@ class TaskInfo(_message.Message):
         default_height: _builtins.int = ...,
         supports_previews: _builtins.bool = ...,
         size_multiple: _builtins.int = ...,
+        requires_control_image: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "parameters", b"parameters", "pipeline_class", b"pipeline_class", "schedulers", b"schedulers", "size_multiple", b"size_multiple", "supports_previews", b"supports_previews", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "parameters", b"parameters", "pipeline_class", b"pipeline_class", "requires_control_image", b"requires_control_image", "schedulers", b"schedulers", "size_multiple", b"size_multiple", "supports_previews", b"supports_previews", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1313,6 +1411,7 @@ class Acceleration(_message.Message):
     EAGER_CALLS_FIELD_NUMBER: _builtins.int
     EAGER_FALLBACKS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ADAPTER_CALLS_FIELD_NUMBER: _builtins.int
     requested: _builtins.str
     """The mode the operator asked for: "auto", "off" or "compile"."""
     mode: _builtins.str
@@ -1331,6 +1430,12 @@ class Acceleration(_message.Message):
     """Calls at a declared shape that ran eagerly because the compiled graph's guards failed."""
     error: _builtins.str
     """Why the model runs eagerly although compiling was asked for; empty otherwise."""
+    adapter_calls: _builtins.int
+    """Denoiser calls that ran eagerly because their request applied LoRA
+    adapters: compiled graphs hold the base weights only, so adapter requests
+    never run them (and never cause a recompile). Prepared for hot-swapping
+    (`enable_lora_hotswap`) when the model has adapters.
+    """
     @_builtins.property
     def compiled_shapes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompiledShape]:
         """The shapes compiled during warm-up; requests whose denoiser input has one of them run compiled."""
@@ -1353,10 +1458,11 @@ class Acceleration(_message.Message):
         eager_calls: _builtins.int = ...,
         eager_fallbacks: _builtins.int = ...,
         error: _builtins.str = ...,
+        adapter_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compile_time", b"compile_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hits", b"cache_hits", "cache_loaded", b"cache_loaded", "cache_misses", b"cache_misses", "compile_time", b"compile_time", "compiled_calls", b"compiled_calls", "compiled_shapes", b"compiled_shapes", "eager_calls", b"eager_calls", "eager_fallbacks", b"eager_fallbacks", "error", b"error", "mode", b"mode", "requested", b"requested"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_calls", b"adapter_calls", "cache_hits", b"cache_hits", "cache_loaded", b"cache_loaded", "cache_misses", b"cache_misses", "compile_time", b"compile_time", "compiled_calls", b"compiled_calls", "compiled_shapes", b"compiled_shapes", "eager_calls", b"eager_calls", "eager_fallbacks", b"eager_fallbacks", "error", b"error", "mode", b"mode", "requested", b"requested"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,7 +23,7 @@ Rules of the wire, for clients in any language:
   | INVALID_ARGUMENT    | INVALID_REQUEST        | a field is missing, malformed or out of range |
   | INVALID_ARGUMENT    | FIELD_NOT_APPLICABLE   | a field the task does not use was set         |
   | INVALID_ARGUMENT    | UNKNOWN_PARAMETER      | `parameters` names no accepted argument       |
-  | INVALID_ARGUMENT    | INVALID_IMAGE          | `image`/`mask_image` cannot be decoded        |
+  | INVALID_ARGUMENT    | INVALID_IMAGE          | an input image cannot be decoded              |
   | NOT_FOUND           | MODEL_NOT_FOUND        | no such `model`, or `source` is not allowed   |
   | FAILED_PRECONDITION | TASK_NOT_SUPPORTED     | the model cannot perform `task`               |
   | FAILED_PRECONDITION | MODEL_FAILED           | the model failed to load (reason in message)  |
