@@ -323,9 +323,9 @@ def test_sdk_passes_control_images_and_adapters(
     control = PIL.Image.open(io.BytesIO(CONTROL.data))
     with Client(server.target, timeout=120) as client:
         result = client.generate("a cube", model="cn", control_image=control, **SHORT)
-        assert result.images[0].data == _image(_run(stub, model="cn", control_image=CONTROL))
+        assert result.outputs[0].data == _image(_run(stub, model="cn", control_image=CONTROL))
         styled = client.generate("a cube", model="lora", adapters={"style": 1.0}, **SHORT)
-        assert styled.images[0].data == _image(
+        assert styled.outputs[0].data == _image(
             _run(stub, model="lora", adapters=[pb.AdapterWeight(name="style", weight=1.0)])
         )
         models = {model.name: model for model in client.inspect().models}
