@@ -13,6 +13,8 @@ from pathlib import Path
 from autopipeline_server import __version__
 from autopipeline_server.settings import DTYPES, ConfigError, ModelSpec, load_settings
 
+LOG_FORMATS = ("text", "json")
+
 
 def _model(text: str) -> ModelSpec:
     try:
@@ -25,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autopipeline-server", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="json: one JSON object per line, the access line's fields as keys (default text)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve models over gRPC until SIGTERM/SIGINT")
@@ -74,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="mutual TLS: require client certificates signed by this PEM CA",
     )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default off; 0 picks a free port)",
+    )
+    serve.add_argument(
+        "--otel",
+        action="store_const",
+        const=True,
+        help="trace RPCs with OpenTelemetry, exported over OTLP (needs the tracing extra; "
+        "also on when OTEL_EXPORTER_OTLP_ENDPOINT is set)",
+    )
+    serve.add_argument(
+        "--otel-endpoint", metavar="URL", help="the OTLP endpoint (default: the exporter's own)"
+    )
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight checkpoint (offline)")
     tiny.add_argument("--family", default="sd15", help="sd15, sdxl or sd15-inpainting")
@@ -99,11 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str) -> None:
+def log_formatter(log_format: str) -> logging.Formatter:
+    """Plain lines, or (`json`) one JSON object per line carrying each record's extra fields."""
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        return JsonFormatter(
+            "{asctime}{levelname}{name}{message}",
+            style="{",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        )
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
     """Our log lines at `level`; the libraries' progress bars and advice only when debugging."""
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter(log_format))
+    logging.basicConfig(level=level, handlers=[handler])
     if level != "DEBUG":
         import diffusers.utils.logging as diffusers_logging
         import transformers.utils.logging as transformers_logging
@@ -157,7 +194,7 @@ def check_health(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     if args.command == "tiny-model":
         from autopipeline_server.tiny import build_tiny_checkpoint
 
@@ -184,7 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run_demo(args.out, family=args.family))
 
     # Every serve flag whose dest is a setting; argparse leaves the ones not given as None.
-    flags = {key: value for key, value in vars(args).items() if key not in ("command", "config", "log_level")}
+    flags = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("command", "config", "log_level", "log_format")
+    }
     try:
         settings = load_settings(flags, os.environ, config_file=args.config)
     except ConfigError as err:

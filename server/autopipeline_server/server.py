@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,11 +16,18 @@ from grpc_reflection.v1alpha import reflection
 
 from autopipeline_server.auth import BearerTokenInterceptor
 from autopipeline_server.domain import ModelState
+from autopipeline_server.metrics import MetricsEndpoint, ServerMetrics
+from autopipeline_server.observe import AccessInterceptor
 from autopipeline_server.pipelines import resolve_device, resolve_dtype
 from autopipeline_server.registry import ModelEntry, ModelRegistry
 from autopipeline_server.servicer import SERVICE_NAME, AutoPipelineServicer, service_handler
 from autopipeline_server.settings import Settings, describe, read_tls_files
 from autopipeline_server.worker import InferenceWorker
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
+    from autopipeline_server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,14 @@ class RunningServer:
     worker: InferenceWorker
     health: health_aio.HealthServicer
     loading: asyncio.Task[None]
+    metrics: ServerMetrics | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
+    tracing: Tracing | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on (the real one when settings asked for 0); None when off."""
+        return self.metrics_endpoint.port if self.metrics_endpoint is not None else None
 
     async def wait_until_loaded(self) -> None:
         """Returns when every configured model has finished loading (ready or failed)."""
@@ -55,10 +71,20 @@ class RunningServer:
             await self.loading
         await self.worker.close()
         self.registry.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
 
-async def create_server(settings: Settings) -> RunningServer:
-    """Builds, binds and starts the server; models load in the background while health says NOT_SERVING."""
+async def create_server(
+    settings: Settings, *, tracer_provider: TracerProvider | None = None
+) -> RunningServer:
+    """Builds, binds and starts the server; models load in the background while health says NOT_SERVING.
+
+    `tracer_provider` traces every RPC with an OpenTelemetry provider the caller owns (an embedding
+    application's, or a test's); without one, `settings.otel` builds one exporting over OTLP.
+    """
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     health_servicer = health_aio.HealthServicer()
@@ -70,7 +96,14 @@ async def create_server(settings: Settings) -> RunningServer:
 
     pending_updates: set[asyncio.Task[None]] = set()
 
+    metrics = (
+        ServerMetrics(spec.name for spec in settings.models) if settings.metrics_port is not None else None
+    )
+    tracing = _tracing(settings, tracer_provider)
+
     def on_state_change(entry: ModelEntry) -> None:
+        if metrics is not None:  # observability: load times and evictions
+            metrics.model_state_changed(entry)
         task = asyncio.get_running_loop().create_task(publish(entry))
         pending_updates.add(task)
         task.add_done_callback(pending_updates.discard)
@@ -79,14 +112,21 @@ async def create_server(settings: Settings) -> RunningServer:
         max_queue=settings.max_queue,
         max_batch_size=settings.max_batch_size,
         max_batch_delay=settings.max_batch_delay_ms / 1000,
+        metrics=metrics,
     )
     registry = ModelRegistry(
         settings, device=device, dtype=dtype, worker=worker, on_state_change=on_state_change
     )
     servicer = AutoPipelineServicer(settings, registry, worker)
+    # Outermost first: the tracing span, then the access layer (request id, log line, metrics), so
+    # both see calls that authentication turns away.
+    interceptors: list[Any] = [] if tracing is None else [tracing.interceptor]
+    interceptors.append(AccessInterceptor(SERVICE_NAME, metrics=metrics, tracing=tracing))
+    if settings.tokens:
+        interceptors.append(BearerTokenInterceptor(settings.tokens))
 
     server = grpc.aio.server(
-        interceptors=[BearerTokenInterceptor(settings.tokens)] if settings.tokens else None,
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
             ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
@@ -102,6 +142,11 @@ async def create_server(settings: Settings) -> RunningServer:
     for name in ("", SERVICE_NAME, *registry.entries):
         await health_servicer.set(name, NOT_SERVING)
     port = _bind(server, settings)
+    endpoint = None
+    if metrics is not None:
+        metrics.watch(registry, worker)
+        endpoint = MetricsEndpoint(metrics, settings.host, settings.metrics_port or 0)
+        log.info("serving Prometheus metrics on http://%s:%d/metrics", settings.host, endpoint.port)
     await server.start()
     worker.start()
     log.info(
@@ -130,7 +175,23 @@ async def create_server(settings: Settings) -> RunningServer:
         )
 
     loading = asyncio.get_running_loop().create_task(load(), name="load-models")
-    return RunningServer(server, port, settings, registry, worker, health_servicer, loading)
+    return RunningServer(
+        server, port, settings, registry, worker, health_servicer, loading, metrics, endpoint, tracing
+    )
+
+
+def _tracing(settings: Settings, provider: TracerProvider | None) -> Tracing | None:
+    """The server's tracer, or None; OpenTelemetry is imported only when tracing is on."""
+    if provider is None and not settings.otel:
+        return None
+    try:
+        from autopipeline_server.tracing import Tracing
+    except ImportError as err:
+        raise RuntimeError(
+            f"tracing is on but OpenTelemetry is not installed ({err.name} is missing): "
+            "pip install 'autopipeline-grpc[server,tracing]'"
+        ) from err
+    return Tracing(provider, owned=False) if provider is not None else Tracing.from_settings(settings)
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
@@ -166,6 +227,11 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"autopipeline-server listening on {settings.host}:{running.port}", flush=True)
+    if running.metrics_port is not None:
+        print(
+            f"autopipeline-server metrics on http://{settings.host}:{running.metrics_port}/metrics",
+            flush=True,
+        )
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", settings.grace)
     await running.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -19,6 +18,7 @@ from autopipeline_server.calls import PipelineRejected
 from autopipeline_server.codecs import encode_image
 from autopipeline_server.domain import Finished, Preview, Progress, Queued, Started
 from autopipeline_server.errors import InvalidRequest, ServingError
+from autopipeline_server.observe import current_request
 from autopipeline_server.prepare import prepare_call
 from autopipeline_server.registry import ModelRegistry
 from autopipeline_server.settings import Settings
@@ -83,8 +83,8 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest | None, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
-        request_id = uuid.uuid4().hex
-        arrived = time.perf_counter()
+        record = current_request()  # observability: the access layer's record of this RPC
+        request_id, arrived = record.request_id, record.arrived
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         try:
             if request is None:
@@ -95,6 +95,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                 convert.generation_request, request, self._settings.limits
             )
             entry = self._registry.lookup(domain_request.model, domain_request.source)
+            record.model, record.task = entry.spec.name, domain_request.task.value
         except Exception as err:
             await abort(context, err, request_id)
         if entry.model is None and not entry.pinned:
@@ -104,7 +105,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         try:
             async with self._registry.lease(entry) as model:
                 call = await asyncio.to_thread(prepare_call, model, domain_request)
-                job = self._worker.submit(call)
+                job = record.job = self._worker.submit(call)
                 try:
                     async for message in self._stream(job, request, request_id, arrived):
                         yield message
@@ -123,7 +124,6 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         self, job: Job, request: pb.GenerateRequest, request_id: str, arrived: float
     ) -> AsyncIterator[pb.GenerateResponse]:
         """The job's events as wire messages; images are encoded here, off the device thread."""
-        call = job.call
         fmt, quality = convert.output_format(request)
         chunk_bytes = self._settings.limits.image_chunk_bytes
         async for event in job.events():
@@ -143,26 +143,14 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                     for message in convert.image_events(index, seed, image.size, encoded, chunk_bytes):
                         yield message
                 now = time.perf_counter()
+                current_request().encoding = (encoding_started, now)  # the access line logs the request
                 yield convert.completed_event(
                     event, encoding_seconds=now - encoding_started, total_seconds=now - arrived
-                )
-                log.info(
-                    "request %s OK: %s %s %s, %d image(s) %dx%d, queued %.3fs, ran %.3fs, total %.3fs",
-                    request_id,
-                    event.model,
-                    call.target.task.value,
-                    event.pipeline_class,
-                    len(event.images),
-                    call.width,
-                    call.height,
-                    event.queued_seconds,
-                    event.running_seconds,
-                    now - arrived,
                 )
 
     async def Inspect(self, request: pb.InspectRequest | None, context: Context) -> pb.InspectResponse:
         if request is None:
-            await abort(context, _malformed("InspectRequest"), uuid.uuid4().hex)
+            await abort(context, _malformed("InspectRequest"), current_request().request_id)
         entries = list(self._registry.entries.values())
         if request.model or request.source:
             try:
@@ -170,7 +158,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                     raise InvalidRequest.field("source", "names an on-demand source; leave `model` empty")
                 entries = [self._registry.lookup(request.model, request.source, create=False)]
             except ServingError as err:
-                await abort(context, err, uuid.uuid4().hex)
+                await abort(context, err, current_request().request_id)
         device = str(self._registry.device)
         dtype = str(self._registry.dtype).removeprefix("torch.")
         return pb.InspectResponse(

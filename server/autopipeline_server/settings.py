@@ -24,6 +24,14 @@ _TOKEN = re.compile(r"^[\x21-\x7e]+$")
 # Secrets come from `auth_token_file` or this variable, never from a config file or a flag
 # (config files get committed, flags show in `ps`).
 TOKENS_VARIABLE = f"{ENV_PREFIX}AUTH_TOKENS"
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+# OpenTelemetry's own variables (the names every OTel SDK reads), mapped onto settings between the
+# config file and AUTOPIPELINE_* variables; the first one present of each list wins.
+_OTEL_VARIABLES = {
+    "otel_endpoint": ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    "otel_protocol": ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    "otel_service_name": ("OTEL_SERVICE_NAME",),
+}
 
 
 class ConfigError(ValueError):
@@ -107,6 +115,14 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    # Prometheus: serve /metrics over plain HTTP on this port of `host` (0 picks a free one); None: off.
+    metrics_port: int | None = None
+    # OpenTelemetry tracing of every RPC, exported over OTLP to `otel_endpoint` (empty: the
+    # exporter's default, localhost:4317 for grpc). Needs the `tracing` extra.
+    otel: bool = False
+    otel_endpoint: str = ""
+    otel_protocol: str = "grpc"
+    otel_service_name: str = "autopipeline-server"
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -128,6 +144,12 @@ class Settings:
             raise ConfigError(f"dtype {self.dtype!r} must be one of {', '.join(DTYPES)}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port {self.metrics_port} is out of range")
+        if self.otel_protocol not in OTLP_PROTOCOLS:
+            raise ConfigError(
+                f"otel_protocol {self.otel_protocol!r} must be one of {', '.join(OTLP_PROTOCOLS)}"
+            )
         if self.max_queue < 1:
             raise ConfigError("max_queue must be at least 1")
         if self.grace < 0:
@@ -238,6 +260,10 @@ def _coerce(name: str, value: Any, target: Any) -> Any:
     try:
         if name == "memory_budget":
             return parse_size(value)
+        if name == "metrics_port":  # optional: empty or "off" turns the endpoint off
+            if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
+                return None
+            kind = int
         if kind is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(item).strip() for item in items if str(item).strip())
@@ -329,6 +355,7 @@ def load_settings(
         for key, value in environ.items()
         if key.startswith(ENV_PREFIX) and key not in (f"{ENV_PREFIX}CONFIG", TOKENS_VARIABLE)
     }
+    settings = _apply(settings, _otel_values(environ), "OpenTelemetry environment")
     settings = _apply(settings, env_values, "environment")
     settings = _apply(settings, {k: v for k, v in flags.items() if v is not None}, "flags")
     # Tokens from both places admit calls; the order is kept only so errors can number them.
@@ -337,6 +364,22 @@ def load_settings(
         tokens = (*read_token_file(settings.auth_token_file), *tokens)
     settings = dataclasses.replace(settings, tokens=tuple(dict.fromkeys(tokens)))
     return settings.validate()
+
+
+def _otel_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from OpenTelemetry's standard variables: an OTLP endpoint turns tracing on,
+    OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none turn it off."""
+    values: dict[str, Any] = {}
+    for name, variables in _OTEL_VARIABLES.items():
+        present = [environ[v] for v in variables if environ.get(v, "").strip()]
+        if present:
+            values[name] = present[0].strip()
+    if "otel_endpoint" in values:
+        values["otel"] = True
+    exporters = {e.strip().lower() for e in environ.get("OTEL_TRACES_EXPORTER", "").split(",")}
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or "none" in exporters:
+        values["otel"] = False
+    return values
 
 
 def describe(settings: Settings) -> str:
