@@ -10,7 +10,6 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -24,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
-from autopipeline_server.cli import build_parser, log_formatter
+from autopipeline_server.cli import build_parser, log_formatter, serve_flags
 from autopipeline_server.observe import request_id_from
 from autopipeline_server.settings import ConfigError, ModelSpec, load_settings
 
@@ -398,10 +397,7 @@ def test_observability_settings_and_flags() -> None:
         ]
     )
     assert args.log_format == "json"
-    flags: dict[str, Any] = {
-        k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level", "log_format")
-    }
-    settings = load_settings(flags, {})
+    settings = load_settings(serve_flags(args), {})
     assert (settings.metrics_port, settings.otel, settings.otel_endpoint) == (0, True, "x:1")
 
 

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from autopipeline_server import __version__
 from autopipeline_server.settings import DTYPES, ConfigError, ModelSpec, load_settings
@@ -192,6 +193,11 @@ def check_health(
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def serve_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Every `serve` flag whose dest is a setting; argparse leaves the ones not given as None."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level", "log_format")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
@@ -220,14 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return asyncio.run(run_demo(args.out, family=args.family))
 
-    # Every serve flag whose dest is a setting; argparse leaves the ones not given as None.
-    flags = {
-        key: value
-        for key, value in vars(args).items()
-        if key not in ("command", "config", "log_level", "log_format")
-    }
     try:
-        settings = load_settings(flags, os.environ, config_file=args.config)
+        settings = load_settings(serve_flags(args), os.environ, config_file=args.config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

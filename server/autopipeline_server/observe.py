@@ -68,6 +68,9 @@ class RequestRecord:
     job: Job | None = None
     # perf_counter readings around encoding the result images
     encoding: tuple[float, float] | None = None
+    # The RPC's server span when tracing (tracing.py); kept because the record may be finished
+    # outside the RPC's context (see `_outcome`).
+    span: Any = None
 
 
 _current: contextvars.ContextVar[RequestRecord] = contextvars.ContextVar("autopipeline_request")
@@ -87,8 +90,13 @@ def current_request() -> RequestRecord:
 
 
 def _outcome(context: Context, error: BaseException | None) -> tuple[grpc.StatusCode, str]:
-    """The status an RPC ended with: what the servicer set or aborted with, or why it was cancelled."""
-    if isinstance(error, asyncio.CancelledError):
+    """The status an RPC ended with: what the servicer set or aborted with, or why it was cancelled.
+
+    A cancelled call either cancels the handler's task (CancelledError) or, when the handler was
+    suspended between two responses, leaves its generator to be closed later (GeneratorExit), from
+    the event loop's finaliser: in another context, after the server span has ended.
+    """
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
         remaining = context.time_remaining()
         expired = remaining is not None and remaining <= 0
         return (grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED), ""
@@ -135,8 +143,7 @@ class AccessInterceptor(_ServerInterceptor):
 
     def _unary(self, behavior: UnaryBehavior, rpc: str, request_id: str) -> UnaryBehavior:
         async def observed(request: Any, context: Context) -> Any:
-            record = RequestRecord(rpc=rpc, request_id=request_id)
-            _current.set(record)
+            record = self._start(rpc, request_id)
             try:
                 response = await behavior(request, context)
             except BaseException as err:
@@ -149,8 +156,7 @@ class AccessInterceptor(_ServerInterceptor):
 
     def _streaming(self, behavior: StreamBehavior, rpc: str, request_id: str) -> StreamBehavior:
         async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
-            record = RequestRecord(rpc=rpc, request_id=request_id)
-            _current.set(record)
+            record = self._start(rpc, request_id)
             try:
                 async for response in behavior(request, context):
                     yield response
@@ -160,6 +166,13 @@ class AccessInterceptor(_ServerInterceptor):
             self._finish(record, context, None)
 
         return observed
+
+    def _start(self, rpc: str, request_id: str) -> RequestRecord:
+        record = RequestRecord(rpc=rpc, request_id=request_id)
+        _current.set(record)
+        if self._tracing is not None:
+            self._tracing.start_request(record)
+        return record
 
     def _finish(self, record: RequestRecord, context: Context, error: BaseException | None) -> None:
         """Records how the RPC ended; never raises, so it cannot change the caller's status."""
@@ -207,7 +220,7 @@ def _log_access(
     fields["total_seconds"] = now - record.arrived
     if details:
         fields["details"] = details
-    trace_id = tracing.trace_id() if tracing is not None else None
+    trace_id = tracing.trace_id(record) if tracing is not None else None
     if trace_id is not None:
         fields["trace_id"] = trace_id
     text = " ".join(

@@ -64,23 +64,30 @@ class Tracing:
         provider.add_span_processor(BatchSpanProcessor(otlp_exporter(settings)))
         return cls(provider, owned=True)
 
-    def trace_id(self) -> str | None:
-        """The current trace's id (hex), for log lines; None outside a sampled span."""
-        context = trace.get_current_span().get_span_context()
+    def start_request(self, record: RequestRecord) -> None:
+        """Notes the RPC's server span (current when the RPC starts) in its record."""
+        record.span = trace.get_current_span()
+        if record.span.is_recording():
+            record.span.set_attribute("autopipeline.request_id", record.request_id)
+
+    def trace_id(self, record: RequestRecord) -> str | None:
+        """The request's trace id (hex), for log lines; None when it is not traced."""
+        context = _server_span(record).get_span_context()
         return trace.format_trace_id(context.trace_id) if context.is_valid else None
 
     def finish_request(self, record: RequestRecord, code: str, now: float) -> None:
         """Annotates the request's server span and adds its child spans, with their real times.
 
-        Runs inside the server span's context, on the event loop, when the request ends; `now` is
-        the `perf_counter` reading the request's end was measured at.
+        `now` is the `perf_counter` reading the request's end was measured at. The children name
+        their parent explicitly: a cancelled request may be finished outside the RPC's context.
         """
-        server_span = trace.get_current_span()
-        server_span.set_attribute("autopipeline.request_id", record.request_id)
+        server_span = _server_span(record)
         attributes = {"autopipeline.model": record.model, "autopipeline.task": record.task}
-        for key, value in attributes.items():
-            if value:
-                server_span.set_attribute(key, value)
+        if server_span.is_recording():  # a cancelled call's span may have ended already
+            for key, value in attributes.items():
+                if value:
+                    server_span.set_attribute(key, value)
+        parent = trace.set_span_in_context(server_span)
         wall = time.time_ns()
 
         def to_ns(moment: float) -> int:
@@ -89,13 +96,14 @@ class Tracing:
         job = record.job
         if job is not None:
             queued = self.tracer.start_span(
-                "autopipeline.queue", start_time=to_ns(job.arrived), attributes=attributes
+                "autopipeline.queue", parent, start_time=to_ns(job.arrived), attributes=attributes
             )
             queued.end(to_ns(job.started if job.started is not None else now))
             if job.started is not None:
                 call = job.call
                 pipeline = self.tracer.start_span(
                     "autopipeline.pipeline",
+                    parent,
                     start_time=to_ns(job.started),
                     attributes={
                         **attributes,
@@ -111,7 +119,7 @@ class Tracing:
         if record.encoding is not None:
             began, ended = record.encoding
             encode = self.tracer.start_span(
-                "autopipeline.encode", start_time=to_ns(began), attributes=attributes
+                "autopipeline.encode", parent, start_time=to_ns(began), attributes=attributes
             )
             encode.end(to_ns(ended))
 
@@ -119,3 +127,8 @@ class Tracing:
         """Flushes and stops a tracer this server built; one passed in belongs to its owner."""
         if self._owned and isinstance(self._provider, TracerProvider):
             self._provider.shutdown()
+
+
+def _server_span(record: RequestRecord) -> trace.Span:
+    span = record.span
+    return span if isinstance(span, trace.Span) else trace.INVALID_SPAN
