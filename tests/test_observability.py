@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -420,3 +423,34 @@ def test_otlp_exporters_follow_the_protocol() -> None:
     http_exporter.shutdown()
     tracing = Tracing.from_settings(http)
     tracing.shutdown()
+
+
+def test_a_server_without_tracing_never_imports_opentelemetry(checkpoints: dict[str, Path]) -> None:
+    """Tracing stays optional: a fresh interpreter serves a request without loading OpenTelemetry."""
+    script = f"""
+import asyncio, sys
+import grpc
+from autopipeline.v1 import autopipeline_pb2 as pb, autopipeline_pb2_grpc as pb_grpc
+from autopipeline_server.server import create_server
+from autopipeline_server.settings import ModelSpec, Settings
+
+async def main():
+    settings = Settings(models=(ModelSpec("m", {str(checkpoints["sd15"])!r}),), host="127.0.0.1", port=0,
+                        device="cpu", metrics_port=0, warmup=False)
+    running = await create_server(settings)
+    await running.wait_until_loaded()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{{running.port}}") as channel:
+        request = pb.GenerateRequest(prompt="a", task=pb.TASK_TEXT_TO_IMAGE, width=64, height=64,
+                                     num_inference_steps=1)
+        events = [e async for e in pb_grpc.AutoPipelineServiceStub(channel).Generate(request)]
+    assert events[-1].HasField("completed")
+    await running.stop(1)
+    print(sorted(m for m in sys.modules if m.split(".")[0] == "opentelemetry"))
+
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=dict(os.environ)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
