@@ -25,12 +25,12 @@ Generate = Callable[..., list[pb.GenerateResponse]]
 class ServerThread:
     """Runs a real `grpc.aio` server on its own event loop thread, so tests can use blocking clients."""
 
-    def __init__(self, settings: Settings, *, wait_until_loaded: bool = True) -> None:
+    def __init__(self, settings: Settings, *, wait_until_loaded: bool = True, **options: Any) -> None:
         self.settings = settings.validate()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
         self._thread.start()
-        self.running: RunningServer = self.call(create_server(self.settings))
+        self.running: RunningServer = self.call(create_server(self.settings, **options))
         if wait_until_loaded:
             self.call(self.running.wait_until_loaded())
         self.target = f"127.0.0.1:{self.running.port}"

@@ -29,7 +29,7 @@ from autopipeline import AsyncClient, Client, UnauthenticatedError, UnavailableE
 from autopipeline._cli import main as cli_main
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
-from autopipeline_server.cli import build_parser, check_health
+from autopipeline_server.cli import build_parser, check_health, serve_flags
 from autopipeline_server.settings import (
     ConfigError,
     ModelSpec,
@@ -445,8 +445,7 @@ def test_serve_flags_reach_the_settings(tmp_path: Path, pki: Pki, token_file: Pa
         ["serve", "--model", "m=/m", "--auth-token-file", str(token_file),
          "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca)]
     )  # fmt: skip
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")}
-    settings = load_settings(flags, {})
+    settings = load_settings(serve_flags(args), {})
     assert settings.tokens == (FILE_TOKEN,)
     assert (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file) == (
         str(pki.server_cert), str(pki.server_key), str(pki.ca),

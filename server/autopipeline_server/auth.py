@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +12,7 @@ import grpc
 import grpc.aio
 
 from autopipeline_server.errors import Unauthenticated
+from autopipeline_server.observe import current_request
 from autopipeline_server.status import abort
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def _rejecting(handler: Handler, method: str, message: str) -> Handler:
     """A handler of ``handler``'s kind that ends the call with UNAUTHENTICATED."""
 
     async def reject(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        request_id = uuid.uuid4().hex
+        request_id = current_request().request_id
         log.info("request %s: unauthenticated call to %s from %s", request_id, method, context.peer())
         await abort(context, Unauthenticated(message), request_id)
 

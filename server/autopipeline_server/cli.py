@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from autopipeline_server import __version__
 from autopipeline_server.settings import (
@@ -19,6 +20,8 @@ from autopipeline_server.settings import (
     check_model_sources,
     load_settings,
 )
+
+LOG_FORMATS = ("text", "json")
 
 
 def _model(text: str) -> ModelSpec:
@@ -50,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autopipeline-server", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="json: one JSON object per line, the access line's fields as keys (default text)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve models over gRPC until SIGTERM/SIGINT")
@@ -131,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="mutual TLS: require client certificates signed by this PEM CA",
     )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default off; 0 picks a free port)",
+    )
+    serve.add_argument(
+        "--otel",
+        action="store_const",
+        const=True,
+        help="trace RPCs with OpenTelemetry, exported over OTLP (needs the tracing extra; "
+        "also on when OTEL_EXPORTER_OTLP_ENDPOINT is set)",
+    )
+    serve.add_argument(
+        "--otel-endpoint", metavar="URL", help="the OTLP endpoint (default: the exporter's own)"
+    )
 
     serve.add_argument(
         "--http-port",
@@ -173,14 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str, *, quiet_libraries: bool = True) -> None:
+def log_formatter(log_format: str) -> logging.Formatter:
+    """Plain lines, or (`json`) one JSON object per line carrying each record's extra fields."""
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        return JsonFormatter(
+            "{asctime}{levelname}{name}{message}",
+            style="{",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        )
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def configure_logging(level: str, log_format: str = "text", *, quiet_libraries: bool = True) -> None:
     """Our log lines at `level`; the libraries' progress bars and advice only when debugging.
 
     `quiet_libraries=False` leaves diffusers and transformers alone, and unimported.
     """
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter(log_format))
+    logging.basicConfig(level=level, handlers=[handler])
     if quiet_libraries and level != "DEBUG":
         import diffusers.utils.logging as diffusers_logging
         import transformers.utils.logging as transformers_logging
@@ -232,10 +270,15 @@ def check_health(
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def serve_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Every `serve` flag whose dest is a setting; argparse leaves the ones not given as None."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level", "log_format")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Container probes run `health` every few seconds: it must not pay for importing torch and diffusers.
-    configure_logging(args.log_level, quiet_libraries=args.command != "health")
+    configure_logging(args.log_level, args.log_format, quiet_libraries=args.command != "health")
     if args.command == "tiny-model":
         from autopipeline_server.tiny import build_tiny_checkpoint
 
@@ -270,10 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return asyncio.run(run_demo(args.out, family=args.family))
 
-    # Every serve flag whose dest is a setting; argparse leaves the ones not given as None.
-    flags = {key: value for key, value in vars(args).items() if key not in ("command", "config", "log_level")}
     try:
-        settings = load_settings(flags, os.environ, config_file=args.config)
+        settings = load_settings(serve_flags(args), os.environ, config_file=args.config)
         check_model_sources(settings)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from autopipeline_server.domain import ModelState
+from autopipeline_server.metrics import ServerMetrics
 from autopipeline_server.pipelines import resolve_devices, resolve_dtype
 from autopipeline_server.registry import ModelEntry, ModelRegistry
 from autopipeline_server.settings import Settings
@@ -39,13 +40,20 @@ class DevicePool:
         self.replicas = replicas
 
     @classmethod
-    def create(cls, settings: Settings, on_state_change: Callable[[ModelEntry], None]) -> DevicePool:
+    def create(
+        cls,
+        settings: Settings,
+        on_state_change: Callable[[ModelEntry], None],
+        *,
+        metrics: ServerMetrics | None = None,
+    ) -> DevicePool:
         replicas = []
         for device in resolve_devices(settings.device):
             worker = InferenceWorker(
                 max_queue=settings.max_queue,
                 max_batch_size=settings.max_batch_size,
                 max_batch_delay=settings.max_batch_delay_ms / 1000,
+                metrics=metrics,
             )
             registry = ModelRegistry(
                 settings,

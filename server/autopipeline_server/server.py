@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,11 +18,18 @@ from autopipeline_server.acceleration import configure_cache
 from autopipeline_server.auth import BearerTokenInterceptor
 from autopipeline_server.devices import DevicePool
 from autopipeline_server.domain import ModelState
+from autopipeline_server.metrics import MetricsEndpoint, ServerMetrics
+from autopipeline_server.observe import AccessInterceptor
 from autopipeline_server.openai_http import OpenAIDoor
 from autopipeline_server.registry import ModelEntry, ModelRegistry
 from autopipeline_server.servicer import SERVICE_NAME, AutoPipelineServicer, service_handler
 from autopipeline_server.settings import Settings, describe, read_tls_files
 from autopipeline_server.worker import InferenceWorker
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
+    from autopipeline_server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,15 @@ class RunningServer:
         """The bound HTTP port of the OpenAI-compatible door; None when it is off."""
         return self.http.port if self.http is not None else None
 
+    metrics: ServerMetrics | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
+    tracing: Tracing | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on (the real one when settings asked for 0); None when off."""
+        return self.metrics_endpoint.port if self.metrics_endpoint is not None else None
+
     async def wait_until_loaded(self) -> None:
         """Returns when every configured model has finished loading (ready or failed)."""
         await asyncio.shield(self.loading)
@@ -76,10 +93,20 @@ class RunningServer:
         with contextlib.suppress(asyncio.CancelledError):
             await self.loading
         await self.devices.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
 
-async def create_server(settings: Settings) -> RunningServer:
-    """Builds, binds and starts the server; models load in the background while health says NOT_SERVING."""
+async def create_server(
+    settings: Settings, *, tracer_provider: TracerProvider | None = None
+) -> RunningServer:
+    """Builds, binds and starts the server; models load in the background while health says NOT_SERVING.
+
+    `tracer_provider` traces every RPC with an OpenTelemetry provider the caller owns (an embedding
+    application's, or a test's); without one, `settings.otel` builds one exporting over OTLP.
+    """
     configure_cache(settings.compile_cache_dir)
     health_servicer = health_aio.HealthServicer()
 
@@ -90,16 +117,29 @@ async def create_server(settings: Settings) -> RunningServer:
 
     pending_updates: set[asyncio.Task[None]] = set()
 
+    metrics = (
+        ServerMetrics(spec.name for spec in settings.models) if settings.metrics_port is not None else None
+    )
+    tracing = _tracing(settings, tracer_provider)
+
     def on_state_change(entry: ModelEntry) -> None:
+        if metrics is not None:  # observability: load times and evictions
+            metrics.model_state_changed(entry)
         task = asyncio.get_running_loop().create_task(publish(entry))
         pending_updates.add(task)
         task.add_done_callback(pending_updates.discard)
 
-    devices = DevicePool.create(settings, on_state_change)
+    devices = DevicePool.create(settings, on_state_change, metrics=metrics)
     servicer = AutoPipelineServicer(settings, devices)
+    # Outermost first: the tracing span, then the access layer (request id, log line, metrics), so
+    # both see calls that authentication turns away.
+    interceptors: list[Any] = [] if tracing is None else [tracing.interceptor]
+    interceptors.append(AccessInterceptor(SERVICE_NAME, metrics=metrics, tracing=tracing))
+    if settings.tokens:
+        interceptors.append(BearerTokenInterceptor(settings.tokens))
 
     server = grpc.aio.server(
-        interceptors=[BearerTokenInterceptor(settings.tokens)] if settings.tokens else None,
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
             ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
@@ -117,6 +157,11 @@ async def create_server(settings: Settings) -> RunningServer:
     # The door adds a private port to the server, so it is built before the server starts.
     http = OpenAIDoor(settings, server) if settings.http_port is not None else None
     port = _bind(server, settings)
+    endpoint = None
+    if metrics is not None:
+        metrics.watch(devices)
+        endpoint = MetricsEndpoint(metrics, settings.host, settings.metrics_port or 0)
+        log.info("serving Prometheus metrics on http://%s:%d/metrics", settings.host, endpoint.port)
     await server.start()
     if http is not None:
         try:
@@ -153,7 +198,23 @@ async def create_server(settings: Settings) -> RunningServer:
         )
 
     loading = asyncio.get_running_loop().create_task(load(), name="load-models")
-    return RunningServer(server, port, settings, devices, health_servicer, loading, http)
+    return RunningServer(
+        server, port, settings, devices, health_servicer, loading, http, metrics, endpoint, tracing
+    )
+
+
+def _tracing(settings: Settings, provider: TracerProvider | None) -> Tracing | None:
+    """The server's tracer, or None; OpenTelemetry is imported only when tracing is on."""
+    if provider is None and not settings.otel:
+        return None
+    try:
+        from autopipeline_server.tracing import Tracing
+    except ImportError as err:
+        raise RuntimeError(
+            f"tracing is on but OpenTelemetry is not installed ({err.name} is missing): "
+            "pip install 'autopipeline-grpc[server,tracing]'"
+        ) from err
+    return Tracing(provider, owned=False) if provider is not None else Tracing.from_settings(settings)
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
@@ -191,6 +252,11 @@ async def serve(settings: Settings) -> None:
     print(f"autopipeline-server listening on {settings.host}:{running.port}", flush=True)
     if running.http_port is not None:
         print(f"autopipeline-server OpenAI HTTP on {settings.host}:{running.http_port}", flush=True)
+    if running.metrics_port is not None:
+        print(
+            f"autopipeline-server metrics on http://{settings.host}:{running.metrics_port}/metrics",
+            flush=True,
+        )
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", settings.grace)
     await running.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -20,6 +19,7 @@ from autopipeline_server.codecs import encode_image
 from autopipeline_server.devices import DevicePool
 from autopipeline_server.domain import Finished, Preview, Progress, Queued, Started
 from autopipeline_server.errors import InvalidRequest, ServingError
+from autopipeline_server.observe import current_request
 from autopipeline_server.prepare import prepare_call
 from autopipeline_server.settings import Settings
 from autopipeline_server.status import REQUEST_ID_KEY, abort
@@ -82,8 +82,8 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest | None, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
-        request_id = uuid.uuid4().hex
-        arrived = time.perf_counter()
+        record = current_request()  # observability: the access layer's record of this RPC
+        request_id, arrived = record.request_id, record.arrived
         # Batching hook: a forming batch waits for this request until it is submitted (or fails);
         # until the request has a device, it may join any device's batch.
         arrivals = [replica.worker.arriving() for replica in self._devices.replicas]
@@ -102,6 +102,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         arrived: float,
         arrivals: list[Arrival],
     ) -> AsyncIterator[pb.GenerateResponse]:
+        record = current_request()
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         try:
             if request is None:
@@ -112,6 +113,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                 convert.generation_request, request, self._settings.limits
             )
             replica, entry = self._devices.choose(domain_request.model, domain_request.source)
+            record.model, record.task = entry.spec.name, domain_request.task.value
         except Exception as err:
             await abort(context, err, request_id)
         if entry.model is None and not entry.pinned:
@@ -121,7 +123,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         try:
             async with replica.registry.lease(entry) as model:
                 call = await asyncio.to_thread(prepare_call, model, domain_request)
-                job = replica.worker.submit(call)
+                job = record.job = replica.worker.submit(call)
                 for arrival in arrivals:
                     arrival.close()
                 try:
@@ -142,7 +144,6 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         self, job: Job, request: pb.GenerateRequest, request_id: str, arrived: float
     ) -> AsyncIterator[pb.GenerateResponse]:
         """The job's events as wire messages; images are encoded here, off the device thread."""
-        call = job.call
         fmt, quality = convert.output_format(request)
         chunk_bytes = self._settings.limits.image_chunk_bytes
         async for event in job.events():
@@ -166,26 +167,14 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                     for message in convert.image_events(index, seed, image.size, encoded, chunk_bytes):
                         yield message
                 now = time.perf_counter()
+                current_request().encoding = (encoding_started, now)  # the access line logs the request
                 yield convert.completed_event(
                     event, encoding_seconds=now - encoding_started, total_seconds=now - arrived
-                )
-                log.info(
-                    "request %s OK: %s %s %s, %d image(s) %dx%d, queued %.3fs, ran %.3fs, total %.3fs",
-                    request_id,
-                    event.model,
-                    call.target.task.value,
-                    event.pipeline_class,
-                    len(event.images),
-                    call.width,
-                    call.height,
-                    event.queued_seconds,
-                    event.running_seconds,
-                    now - arrived,
                 )
 
     async def Inspect(self, request: pb.InspectRequest | None, context: Context) -> pb.InspectResponse:
         if request is None:
-            await abort(context, _malformed("InspectRequest"), uuid.uuid4().hex)
+            await abort(context, _malformed("InspectRequest"), current_request().request_id)
         registry = self._devices.primary.registry
         entries = list(registry.entries.values())
         if request.model or request.source:
@@ -194,7 +183,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                     raise InvalidRequest.field("source", "names an on-demand source; leave `model` empty")
                 entries = [registry.lookup(request.model, request.source, create=False)]
             except ServingError as err:
-                await abort(context, err, uuid.uuid4().hex)
+                await abort(context, err, current_request().request_id)
         return pb.InspectResponse(
             server=convert.server_info(self._settings, self._devices),
             models=convert.models_info(self._devices, entries, registry.default_model),

@@ -16,6 +16,8 @@ import yaml
 
 MiB = 1024 * 1024
 ENV_PREFIX = "AUTOPIPELINE_"
+# Ports of optional endpoints: None keeps them off.
+OPTIONAL_PORTS = ("http_port", "metrics_port")
 DEVICES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # How the denoiser runs: eagerly, or compiled and graph-captured for declared shapes (acceleration.py).
@@ -34,6 +36,14 @@ _TOKEN = re.compile(r"^[\x21-\x7e]+$")
 # Secrets come from `auth_token_file` or this variable, never from a config file or a flag
 # (config files get committed, flags show in `ps`).
 TOKENS_VARIABLE = f"{ENV_PREFIX}AUTH_TOKENS"
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+# OpenTelemetry's own variables (the names every OTel SDK reads), mapped onto settings between the
+# config file and AUTOPIPELINE_* variables; the first one present of each list wins.
+_OTEL_VARIABLES = {
+    "otel_endpoint": ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    "otel_protocol": ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    "otel_service_name": ("OTEL_SERVICE_NAME",),
+}
 
 
 class ConfigError(ValueError):
@@ -153,6 +163,14 @@ class Settings:
     png_compress_level: int = 1
     # The OpenAI-compatible HTTP door (openai_http.py): None keeps it off; 0 picks a free port.
     http_port: int | None = None
+    # Prometheus: serve /metrics over plain HTTP on this port of `host` (0 picks a free one); None: off.
+    metrics_port: int | None = None
+    # OpenTelemetry tracing of every RPC, exported over OTLP to `otel_endpoint` (empty: the
+    # exporter's default, localhost:4317 for grpc). Needs the `tracing` extra.
+    otel: bool = False
+    otel_endpoint: str = ""
+    otel_protocol: str = "grpc"
+    otel_service_name: str = "autopipeline-server"
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -187,6 +205,12 @@ class Settings:
             raise ConfigError(f"http_port {self.http_port} is out of range")
         if self.http_port and self.http_port == self.port:
             raise ConfigError(f"http_port and port must differ, both are {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port {self.metrics_port} is out of range")
+        if self.otel_protocol not in OTLP_PROTOCOLS:
+            raise ConfigError(
+                f"otel_protocol {self.otel_protocol!r} must be one of {', '.join(OTLP_PROTOCOLS)}"
+            )
         if self.max_queue < 1:
             raise ConfigError("max_queue must be at least 1")
         if self.grace < 0:
@@ -343,15 +367,17 @@ def parse_size(text: str | int) -> int:
 
 def _coerce(name: str, value: Any, target: Any) -> Any:
     """Converts a config/env value to the type of the default it replaces."""
-    # http_port is off (None) by default, so its default says nothing about its type.
-    kind = int if name == "http_port" else type(target)
+    # Optional ports are off (None) by default, so their default says nothing about their type.
+    kind = int if name in OPTIONAL_PORTS else type(target)
     try:
         if name == "memory_budget":
             return parse_size(value)
-        if name == "http_port":
+        if name in OPTIONAL_PORTS:  # off by default: None, empty or "off" keeps them off
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
-            return None if value in (None, "", "off") else int(value)
+            if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
+                return None
+            return int(value)
         if kind is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(item).strip() for item in items if str(item).strip())
@@ -508,6 +534,7 @@ def load_settings(
         for key, value in environ.items()
         if key.startswith(ENV_PREFIX) and key not in (f"{ENV_PREFIX}CONFIG", TOKENS_VARIABLE)
     }
+    settings = _apply(settings, _otel_values(environ), "OpenTelemetry environment")
     env_values, env_options = _split_model_options(env_values)
     flag_values, flag_options = _split_model_options({k: v for k, v in flags.items() if v is not None})
     settings = _apply(settings, env_values, "environment")
@@ -521,6 +548,22 @@ def load_settings(
         tokens = (*read_token_file(settings.auth_token_file), *tokens)
     settings = dataclasses.replace(settings, tokens=tuple(dict.fromkeys(tokens)))
     return settings.validate()
+
+
+def _otel_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from OpenTelemetry's standard variables: an OTLP endpoint turns tracing on,
+    OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none turn it off."""
+    values: dict[str, Any] = {}
+    for name, variables in _OTEL_VARIABLES.items():
+        present = [environ[v] for v in variables if environ.get(v, "").strip()]
+        if present:
+            values[name] = present[0].strip()
+    if "otel_endpoint" in values:
+        values["otel"] = True
+    exporters = {e.strip().lower() for e in environ.get("OTEL_TRACES_EXPORTER", "").split(",")}
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or "none" in exporters:
+        values["otel"] = False
+    return values
 
 
 def describe(settings: Settings) -> str:

@@ -95,7 +95,8 @@ async def abort(
 ) -> NoReturn:
     """Ends the RPC with the error's status; request id in the trailing metadata."""
     status = to_status(error, request_id)
-    log.info("request %s %s: %s", request_id, status.code.name, status.details)
+    # The access line (observe.py) reports the outcome at INFO; this one says where it came from.
+    log.debug("request %s %s: %s", request_id, status.code.name, status.details)
     metadata = (*tuple(status.trailing_metadata or ()), (REQUEST_ID_KEY, request_id))
     await context.abort(status.code, status.details, metadata)
     raise AssertionError("context.abort returned")  # pragma: no cover

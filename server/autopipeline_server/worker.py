@@ -12,14 +12,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import PIL.Image
 
-from autopipeline_server.calls import CallCancelled, run_batch
+from autopipeline_server.calls import CallCancelled, CallHooks, run_batch
 from autopipeline_server.domain import Event, Finished, Preview, Progress, Queued, Started
 from autopipeline_server.errors import QueueFull, RequestCancelled, ServingError, ShuttingDown
 from autopipeline_server.prepare import PreparedCall
+
+if TYPE_CHECKING:
+    from autopipeline_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,6 +56,9 @@ class Job:
         self.call = call
         self.images = len(call.seeds)
         self.arrived = time.perf_counter()
+        # When its pipeline call began and ended (perf_counter), for traces; None until then.
+        self.started: float | None = None
+        self.finished: float | None = None
         self._loop = loop
         self._events: asyncio.Queue[Event | _Failed] = asyncio.Queue()
         self._cancel = threading.Event()
@@ -154,8 +160,16 @@ class InferenceWorker:
     `max_batch_delay` seconds for company.
     """
 
-    def __init__(self, *, max_queue: int, max_batch_size: int = 1, max_batch_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_queue: int,
+        max_batch_size: int = 1,
+        max_batch_delay: float = 0.0,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.max_queue = max_queue
+        self._metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_batch_delay = max_batch_delay
         self.stats = WorkerStats()
@@ -332,8 +346,11 @@ class InferenceWorker:
                 self._announce_positions()
                 await self._execute(batch)
             finally:
+                finished = time.perf_counter()
                 for job in batch:
                     job.done = True
+                    if job.started is not None:
+                        job.finished = finished
                 self._running = []
                 self._update_idle()
 
@@ -344,7 +361,11 @@ class InferenceWorker:
             self.stats.batched_calls += 1
         batch_images = sum(job.images for job in batch)
         self.stats.largest_batch_images = max(self.stats.largest_batch_images, batch_images)
-        hooks = [_Hooks(job, len(batch), batch_images) for job in batch]
+        hooks: list[CallHooks] = [_Hooks(job, len(batch), batch_images) for job in batch]
+        for job in batch:
+            job.started = started
+        if self._metrics is not None:  # observability: batch sizes, queue waits, step timings
+            hooks = self._metrics.call_started(batch, started, hooks)
         try:
             results = await self.run_on_device(run_batch, [job.call for job in batch], hooks)
         except CallCancelled:
