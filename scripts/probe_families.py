@@ -54,9 +54,7 @@ def probe(family: str, root: pathlib.Path) -> list[str]:
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     row = [family, f"{built:.2f}s / {size / 1e6:.2f} MB"]
     try:
-        model = load_model(
-            ModelSpec(family, str(path)), device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False
-        )
+        model = load_model(ModelSpec(family, str(path)), dtype=torch.float32, allow_pickle=False)
     except Exception as err:
         return [*row, f"no: {_short(err)}", "-", "-", "-", "-"]
     tasks = ", ".join(f"{task.value} ({pipe.pipeline_class})" for task, pipe in model.tasks.items())

@@ -28,7 +28,7 @@ from autopipeline_server.errors import (
     ModelUnavailable,
     ServingError,
 )
-from autopipeline_server.pipelines import LoadedModel, load_model
+from autopipeline_server.pipelines import LoadedModel, load_model, resolve_dtype
 from autopipeline_server.settings import ModelSpec, Settings
 from autopipeline_server.worker import InferenceWorker
 
@@ -268,9 +268,8 @@ class ModelRegistry:
 
         plan = self.acceleration
         try:
-            read = functools.partial(
-                load_model, spec, dtype=self.dtype, allow_pickle=self.settings.allow_pickle
-            )
+            dtype = self.dtype if spec.dtype == "auto" else resolve_dtype(spec.dtype, device)
+            read = functools.partial(load_model, spec, dtype=dtype, allow_pickle=self.settings.allow_pickle)
             model = await asyncio.get_running_loop().run_in_executor(self._loader, read)
             await self._worker.run_on_device(place, model)
         except ServingError as err:

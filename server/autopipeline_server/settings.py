@@ -39,6 +39,42 @@ class ModelSpec:
 
     name: str
     source: str
+    # Per-model load options (config file only; `--model NAME=SOURCE` takes the defaults).
+    # dtype: "auto" follows the server-wide `dtype`; Flux and other DiTs want "bfloat16".
+    dtype: str = "auto"
+    # A weights variant such as "fp16" (files named *.fp16.safetensors); empty: the default weights.
+    variant: str = ""
+    # Decode big images in tiles / one image at a time, to fit small GPUs.
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    # Keep modules on the host until they run (needs an accelerator; ignored on a CPU).
+    cpu_offload: bool = False
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> ModelSpec:
+        """A config-file model entry: {name, source} and any load options, e.g. {dtype = "bfloat16"}."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(table) - known)
+        if unknown or not {"name", "source"} <= set(table):
+            raise ConfigError(
+                f"a model entry needs name and source and may set {', '.join(sorted(known - {'name', 'source'}))}; "
+                f"got {dict(table)!r}"
+            )
+        base = cls.parse(f"{table['name']}={table['source']}")
+        options: dict[str, Any] = {}
+        for key in ("dtype", "variant"):
+            if key in table:
+                if not isinstance(table[key], str):
+                    raise ConfigError(f"model {base.name!r}: {key} must be a string, got {table[key]!r}")
+                options[key] = table[key]
+        for key in ("vae_tiling", "vae_slicing", "cpu_offload"):
+            if key in table:
+                options[key] = _coerce(f"model {base.name!r}: {key}", table[key], False)
+        if options.get("dtype", "auto") not in DTYPES:
+            raise ConfigError(
+                f"model {base.name!r}: dtype {options['dtype']!r} must be one of {', '.join(DTYPES)}"
+            )
+        return dataclasses.replace(base, **options)
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
@@ -305,8 +341,8 @@ def _models_from(value: Any) -> tuple[ModelSpec, ...]:
                 specs.append(item)
             elif isinstance(item, str):
                 specs.append(ModelSpec.parse(item))
-            elif isinstance(item, Mapping) and set(item) == {"name", "source"}:
-                specs.append(ModelSpec.parse(f"{item['name']}={item['source']}"))
+            elif isinstance(item, Mapping):
+                specs.append(ModelSpec.from_table(item))
             else:
                 raise ConfigError(f"a model entry must be NAME=SOURCE or {{name, source}}, got {item!r}")
         return tuple(specs)
