@@ -13,9 +13,8 @@ import torch
 
 from autopipeline_server.domain import GenerationRequest, Task
 from autopipeline_server.errors import OutOfMemory
-from autopipeline_server.pipelines import LoadedModel
+from autopipeline_server.pipelines import LoadedModel, TaskPipeline
 from autopipeline_server.prepare import PER_MEMBER_ARGUMENTS, PreparedCall, prepare_call
-from autopipeline_server.pipelines import TaskPipeline
 from autopipeline_server.previews import Previewer, latent_hook
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ class _ProgressReporter:
             raise CallCancelled
 
     def on_step_end(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        """`callback_on_step_end` (runs before the bar's update): keeps the latents for that step's preview."""
+        """`callback_on_step_end` (runs before the bar update): keeps the latents for its preview."""
         self.latents = tensors.get("latents")
         return {}
 

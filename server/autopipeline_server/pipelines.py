@@ -132,7 +132,7 @@ class LoadOptions:
 
 def apply_memory_options(pipe: Any, spec: ModelSpec) -> LoadOptions:
     """VAE tiling/slicing as the model spec asks, where the pipeline's autoencoder supports them."""
-    vae = getattr(pipe, "vae", None)
+    vae: Any = getattr(pipe, "vae", None)
     tiling = bool(spec.vae_tiling and hasattr(vae, "enable_tiling"))
     slicing = bool(spec.vae_slicing and hasattr(vae, "enable_slicing"))
     if tiling:
@@ -370,7 +370,7 @@ def _task_pipeline(task: Task, pipe: Any) -> TaskPipeline:
         default_size=default,
         size_multiple=multiple,
         supports_previews=previews.can_preview(pipe, named),
-        min_size=max(multiple, 8) if multiple < 8 else multiple,
+        min_size=max(multiple, 8),
         fixed_size=fixed,
         stages=stages,
     )

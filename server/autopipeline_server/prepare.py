@@ -119,7 +119,7 @@ def _output_size(target: TaskPipeline, request: GenerationRequest, problems: _Pr
         if target.fixed_size and value != native:
             problems.add(
                 name,
-                f"{target.pipeline_class} returns only {native} pixels ({name} of the model's sample size), got {value}",
+                f"{target.pipeline_class} returns only the model's sample size, {native}; got {value}",
             )
         elif value % multiple or value < minimum:
             problems.add(

@@ -91,7 +91,7 @@ LATENT_FORMATS: tuple[LatentFormat, ...] = (
             (-0.0069, -0.0030, -0.0810),
             (-0.0596, -0.0465, -0.0293),
             (-0.1448, -0.1463, -0.1189),
-        ),  # fmt: skip
+        ),
         (0.2394, 0.2135, 0.1925),
     ),
     LatentFormat(
@@ -116,7 +116,7 @@ LATENT_FORMATS: tuple[LatentFormat, ...] = (
             (-0.1264, -0.0522, -0.1103),
             (-0.0280, -0.0881, -0.0499),
             (-0.1262, -0.0982, -0.0778),
-        ),  # fmt: skip
+        ),
         (-0.0329, -0.0718, -0.0851),
     ),
 )
@@ -199,7 +199,7 @@ class Previewer:
         pipe = self._pipe
         movq, vae = getattr(pipe, "movq", None), getattr(pipe, "vae", None)
         if movq is not None:
-            decoded = movq.decode(latents.to(movq.dtype), force_not_quantize=True)["sample"]
+            decoded: torch.Tensor = movq.decode(latents.to(movq.dtype), force_not_quantize=True)["sample"]
         elif vae is None:
             decoded = latents[:, :3]  # pixel-space: the noisy image itself
         else:

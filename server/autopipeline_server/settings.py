@@ -57,8 +57,8 @@ class ModelSpec:
         unknown = sorted(set(table) - known)
         if unknown or not {"name", "source"} <= set(table):
             raise ConfigError(
-                f"a model entry needs name and source and may set {', '.join(sorted(known - {'name', 'source'}))}; "
-                f"got {dict(table)!r}"
+                "a model entry needs name and source and may set "
+                f"{', '.join(sorted(known - {'name', 'source'}))}; got {dict(table)!r}"
             )
         base = cls.parse(f"{table['name']}={table['source']}")
         options: dict[str, Any] = {}
