@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,7 +16,7 @@ from grpc_status import rpc_status
 
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
-from autopipeline_server.settings import ModelSpec, Settings
+from autopipeline_server.settings import ConfigError, ModelSpec, Settings, load_settings
 from autopipeline_server.tiny import build_tiny_checkpoint
 
 from .support import ServerThread, png_bytes, server_info, wait_for
@@ -66,7 +67,12 @@ def family_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     try:
         for group in GROUPS:
             models = tuple(
-                ModelSpec(family, str(build_tiny_checkpoint(family, root / family, seed=0)))
+                # Flux runs with VAE tiling, as an operator would configure it for big images.
+                ModelSpec(
+                    family,
+                    str(build_tiny_checkpoint(family, root / family, seed=0)),
+                    vae_tiling=family == "flux",
+                )
                 for family in group
             )
             server = ServerThread(Settings(models=models, host="127.0.0.1", port=0, device="cpu", grace=5.0))
@@ -313,3 +319,22 @@ def test_previews(family: str, stubs: dict[str, pb_grpc.AutoPipelineServiceStub]
     assert [p.step for p in previews] == list(range(first, started.total_steps + 1))
     for preview in previews:
         assert PIL.Image.open(io.BytesIO(preview.image.data)).size == (SIZE, SIZE)
+
+
+def test_load_options_come_from_config_tables_and_show_in_inspect(
+    tmp_path: Path, stubs: dict[str, pb_grpc.AutoPipelineServiceStub]
+) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text(
+        '[[models]]\nname = "flux"\nsource = "/m/flux"\ndtype = "bfloat16"\nvae_tiling = true\n'
+        '[[models]]\nname = "sd15"\nsource = "/m/sd15"\n'
+    )
+    settings = load_settings({}, {}, config_file=config)
+    assert settings.models[0] == ModelSpec("flux", "/m/flux", dtype="bfloat16", vae_tiling=True)
+    assert settings.models[1] == ModelSpec("sd15", "/m/sd15")
+    config.write_text('[[models]]\nname = "x"\nsource = "/m/x"\ntiling = true\n')
+    with pytest.raises(ConfigError, match="vae_tiling"):
+        load_settings({}, {}, config_file=config)
+    (flux,) = stubs["flux"].Inspect(pb.InspectRequest(model="flux"), timeout=30).models
+    (sd3,) = stubs["sd3"].Inspect(pb.InspectRequest(model="sd3"), timeout=30).models
+    assert (flux.vae_tiling, sd3.vae_tiling, flux.cpu_offload) == (True, False, False)
