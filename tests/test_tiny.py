@@ -45,10 +45,7 @@ INPAINTING_ONLY = ("sd15-inpainting", "kandinsky22-inpainting")
 # Where the project's loader cannot yet run a checkpoint's first task, which the issue "Every AutoPipeline
 # family, truthfully" fixes; until then test_one_step uses diffusers directly for these, and
 # test_loader_gap_is_still_open is a strict xfail (it fails once the loader works).
-LOADER_GAPS = {
-    "kandinsky22-inpainting": "load_model offers text-to-image first for a 9-channel Kandinsky decoder "
-    "(it has movq, not vae, so the inpainting-UNet check misses it)",
-}
+LOADER_GAPS: dict[str, str] = {}
 MAX_BYTES = 2_500_000  # the largest part is Kandinsky's MoVQ: SpatialNorm needs 32-channel stages
 
 # Kandinsky 2.2's combined pipelines pass the deprecated `callback_steps` to their decoder (diffusers' code).

@@ -494,9 +494,16 @@ class TaskInfo:
     supports_previews: bool
     """Whether ``preview_interval`` is supported."""
     size_multiple: int
-    """Output width and height must be multiples of this."""
+    """Output width and height must be multiples of this (8 for SD, 16 for Flux/SD3, 64 for Kandinsky)."""
     requires_control_image: bool
     """Whether the task runs a ControlNet pipeline, so requests must pass ``control_image``."""
+    min_size: int = 0
+    """The smallest output width and height the model runs at."""
+    fixed_size: bool = False
+    """Whether the pipeline returns only ``default_width`` x ``default_height`` (DeepFloyd IF
+    image-to-image and inpainting)."""
+    stages: int = 1
+    """Denoising stages (2 for combined prior + decoder pipelines); ``Started.total_steps`` counts all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -577,6 +584,14 @@ class ModelInfo:
     """Where the model's ControlNet comes from (its tasks then need ``control_image``); empty: none."""
     adapters: list[AdapterInfo]
     """The LoRA adapters requests may apply by name (``adapters={"name": weight}``)."""
+    variant: str = ""
+    """The weights variant loaded (e.g. ``"fp16"``); empty: the default weights."""
+    vae_tiling: bool = False
+    """Whether the VAE decodes in tiles."""
+    vae_slicing: bool = False
+    """Whether the VAE decodes one image at a time."""
+    cpu_offload: bool = False
+    """Whether model CPU offload is in force (only with an accelerator)."""
 
 
 @dataclass(frozen=True, slots=True)

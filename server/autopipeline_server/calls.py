@@ -14,9 +14,9 @@ import torch
 from autopipeline_server import adapters, controlnet
 from autopipeline_server.domain import GenerationRequest, Task
 from autopipeline_server.errors import OutOfMemory
-from autopipeline_server.pipelines import LoadedModel
+from autopipeline_server.pipelines import LoadedModel, TaskPipeline
 from autopipeline_server.prepare import PER_MEMBER_ARGUMENTS, PreparedCall, prepare_call
-from autopipeline_server.previews import decode_previews
+from autopipeline_server.previews import Previewer, latent_hook
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +49,34 @@ class _ProgressReporter:
 
     Every diffusers pipeline drives its progress bar once per denoising step (after `strength` and
     scheduler warm-up are accounted for), so this counts real steps for every family, including
-    those without `callback_on_step_end`.
+    those without `callback_on_step_end`. A combined pipeline (Kandinsky prior + decoder) never drives
+    its own bar: the same stand-in is installed on each inner pipeline, `started` is reported once
+    when the first stage begins (with `expected_total`, the steps of all stages), and steps count on
+    across stages, so a cancel lands between steps of any stage.
     """
 
-    def __init__(self, hooks: CallHooks, preview_interval: int, pipe: Any) -> None:
+    def __init__(
+        self,
+        hooks: CallHooks,
+        preview_interval: int,
+        previewer: Previewer | None,
+        expected_total: int | None = None,
+    ) -> None:
         self._hooks = hooks
         self._preview_interval = preview_interval
-        self._pipe = pipe
+        self._previewer = previewer
+        self._expected_total = expected_total
         self._total = 0
-        self._done = 0
+        self._offset = 0
+        self._stage_total = 0
+        self._stage_done = 0
+        self._begun = False
+        self._previewed = -1
         self.latents: torch.Tensor | None = None
+
+    @property
+    def done(self) -> int:
+        return self._offset + self._stage_done
 
     def __call__(self, iterable: Iterable[Any] | None = None, total: int | None = None) -> Any:
         if iterable is not None:
@@ -72,8 +90,16 @@ class _ProgressReporter:
 
     def _begin(self, total: int) -> None:
         self._check()
-        self._total, self._done = total, 0
-        self._hooks.started(total)
+        if self._begun:  # the next stage of a combined pipeline
+            self._offset += self._stage_total
+        self._stage_total, self._stage_done = total, 0
+        if not self._begun:
+            self._begun = True
+            self._total = self._expected_total or total
+            self._hooks.started(self._total)
+        elif self._offset + total > self._total:
+            log.warning("stage of %d steps runs past the %d steps announced", total, self._total)
+            self._total = self._offset + total
 
     def _iterate(self, items: list[Any]) -> Iterator[Any]:
         for item in items:
@@ -85,15 +111,27 @@ class _ProgressReporter:
             raise CallCancelled
 
     def on_step_end(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        """`callback_on_step_end`: keeps the latest latents for the next preview."""
+        """`callback_on_step_end` (runs before the bar update): keeps the latents for its preview."""
         self.latents = tensors.get("latents")
         return {}
 
+    def on_legacy_step(self, step: int, timestep: Any, latents: torch.Tensor) -> None:
+        """The legacy `callback(step, timestep, latents)` (runs after the bar's update): previews now."""
+        self.latents = latents
+        self._maybe_preview()
+
+    def _maybe_preview(self) -> None:
+        done = self.done
+        due = self._preview_interval and done and done % self._preview_interval == 0
+        if due and self.latents is not None and self._previewer is not None and self._previewed != done:
+            self._previewed = done
+            self._hooks.preview(done, self._previewer(self.latents))
+
     def update(self, n: int = 1) -> None:
-        self._done = min(self._total, self._done + n)
-        self._hooks.step(self._done, self._total)
-        if self._preview_interval and self.latents is not None and self._done % self._preview_interval == 0:
-            self._hooks.preview(self._done, decode_previews(self._pipe, self.latents))
+        self._stage_done = min(self._stage_total, self._stage_done + n)
+        self._hooks.step(self.done, self._total)
+        self._maybe_preview()
+        self.latents = None
         self._check()
 
     def __enter__(self) -> _ProgressReporter:
@@ -164,12 +202,32 @@ def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list
         call_hooks = _BatchHooks([(h, len(c.seeds)) for c, h in zip(calls, hooks, strict=True)])
     kwargs["generator"] = [torch.Generator("cpu").manual_seed(seed) for call in calls for seed in call.seeds]
     kwargs["output_type"] = "pil"
-    reporter = _ProgressReporter(call_hooks, first.preview_interval, pipe)
-    if first.preview_interval:
+    scheduler = target.schedulers[first.scheduler].from_config(first.model.scheduler_config)
+    stages = target.stages
+    previewer = None
+    hook = latent_hook(pipe, target.named_arguments) if first.preview_interval else None
+    if hook is not None:
+        previewer = Previewer(pipe, first.width, first.height)
+    reporter = _ProgressReporter(
+        call_hooks,
+        first.preview_interval,
+        previewer,
+        expected_total=_expected_steps(target, kwargs, scheduler),
+    )
+    if hook == "callback_on_step_end":
         kwargs["callback_on_step_end"] = reporter.on_step_end
         kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
-    pipe.scheduler = target.schedulers[first.scheduler].from_config(first.model.scheduler_config)
-    pipe.progress_bar = reporter
+    elif hook == "callback":
+        kwargs["callback"] = reporter.on_legacy_step
+    # Each call gets its own scheduler (and each stage its own), and every stage reports to the stand-in.
+    pipe.scheduler = scheduler
+    if stages:
+        prior, decoder = stages
+        prior.scheduler = type(prior.scheduler).from_config(prior.scheduler.config)
+        decoder.scheduler = scheduler
+    driven = [pipe, *stages]
+    for stage in driven:
+        stage.progress_bar = reporter
     out_of_memory = False
     try:
         with adapters.applied(first.model, pipe, first.adapters), torch.inference_mode():
@@ -180,7 +238,8 @@ def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list
     except torch.OutOfMemoryError:
         out_of_memory = True  # handled below, once this frame no longer holds the traceback
     finally:
-        del pipe.progress_bar
+        for stage in driven:
+            del stage.progress_bar
     if out_of_memory:
         release_memory()
         count = sum(len(call.seeds) for call in calls)
@@ -196,9 +255,49 @@ def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list
     return results
 
 
+def _timestep_count(scheduler: Any, steps: int) -> int:
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
+def _expected_steps(target: TaskPipeline, kwargs: dict[str, Any], scheduler: Any) -> int | None:
+    """The steps of all stages of a combined pipeline (prior + decoder), known before it starts; None
+    for a single pipeline, whose bar announces its own total.
+
+    The decoder applies `strength` as Kandinsky's `get_timesteps` does: it keeps the last
+    min(int(steps * strength), steps) timesteps.
+    """
+    if not target.stages:
+        return None
+    prior = target.stages[0]
+    prior_steps = int(
+        kwargs.get("prior_num_inference_steps") or target.default_of("prior_num_inference_steps") or 25
+    )
+    prior_scheduler = type(prior.scheduler).from_config(prior.scheduler.config)
+    total = _timestep_count(prior_scheduler, prior_steps)
+    steps = int(kwargs["num_inference_steps"])
+    decoder_scheduler = type(scheduler).from_config(scheduler.config)
+    count = _timestep_count(decoder_scheduler, steps)
+    strength = kwargs.get("strength")
+    if strength is not None:
+        kept = min(int(steps * float(strength)), steps)
+        count = len(decoder_scheduler.timesteps[max(steps - kept, 0) :])
+    return total + count
+
+
 def run_call(call: PreparedCall, hooks: CallHooks) -> list[PIL.Image.Image]:
     """Runs a single prepared call; see `run_batch`."""
     return run_batch([call], [hooks])[0]
+
+
+def warm_up_size(target: TaskPipeline) -> tuple[int, int]:
+    """A size the task really runs at and that is cheap: its fixed size, else about 64 pixels a side
+    (the smallest valid size at or above 64, never above the default: 512 pixel-space steps are slow)."""
+    if target.fixed_size:
+        return target.default_size
+    multiple = target.size_multiple
+    side = max(target.min_size, -(-64 // multiple) * multiple)
+    return min(side, target.default_size[0]), min(side, target.default_size[1])
 
 
 def warm_up(model: LoadedModel) -> None:
@@ -217,10 +316,9 @@ def warm_up(model: LoadedModel) -> None:
         def cancelled(self) -> bool:
             return False
 
-    task = next(iter(model.tasks))
+    task = next(iter(model.tasks))  # text-to-image when the checkpoint can do it, else what it can
     target = model.tasks[task]
-    width, _ = target.default_size
-    size = (min(width, 512) // target.size_multiple * target.size_multiple,) * 2
+    size = warm_up_size(target)
     image = PIL.Image.new("RGB", size, (127, 127, 127)) if task is not Task.TEXT_TO_IMAGE else None
     mask = PIL.Image.new("L", size, 255) if task is Task.INPAINTING else None
     request = GenerationRequest(
@@ -230,6 +328,7 @@ def warm_up(model: LoadedModel) -> None:
         width=size[0],
         height=size[1],
         num_inference_steps=2,
+        parameters={"prior_num_inference_steps": 2} if "prior_num_inference_steps" in target.accepted else {},
         strength=1.0 if task is not Task.TEXT_TO_IMAGE and "strength" in target.named_arguments else None,
         seed=0,
         image=image,

@@ -367,6 +367,9 @@ def task_info(target: TaskPipeline) -> pb.TaskInfo:
         supports_previews=target.supports_previews,
         size_multiple=target.size_multiple,
         requires_control_image=requires_control_image(target),
+        min_size=target.min_size,
+        fixed_size=target.fixed_size,
+        stages=max(1, len(target.stages)),
     )
 
 
@@ -419,6 +422,10 @@ def model_info(entry: ModelEntry, *, default_model: str, device: str, dtype: str
         info.device = str(model.device)
         info.dtype = str(model.dtype).removeprefix("torch.")
         info.tasks.extend(task_info(target) for target in model.tasks.values())
+        info.variant = model.options.variant
+        info.vae_tiling = model.options.vae_tiling
+        info.vae_slicing = model.options.vae_slicing
+        info.cpu_offload = model.options.cpu_offload
         if model.acceleration is not None:
             info.acceleration.CopyFrom(acceleration_info(model.acceleration))
     return info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import time
@@ -20,6 +21,7 @@ from diffusers import (
 )
 from diffusers.pipelines import auto_pipeline
 
+from autopipeline_server import previews
 from autopipeline_server.arguments import ParameterInfo, call_parameters
 from autopipeline_server.controlnet import load_controlnet
 from autopipeline_server.domain import Task
@@ -42,6 +44,12 @@ TASK_MAPPINGS: dict[Task, Mapping[str, type[Any]]] = {
     Task.TEXT_TO_IMAGE: auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
     Task.IMAGE_TO_IMAGE: auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
     Task.INPAINTING: auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING,
+}
+# The decoders of combined pipelines (Kandinsky), per task: a decoder checkpoint's own class is here.
+DECODER_MAPPINGS: dict[Task, Mapping[str, type[Any]]] = {
+    Task.TEXT_TO_IMAGE: auto_pipeline._AUTO_TEXT2IMAGE_DECODER_PIPELINES_MAPPING,
+    Task.IMAGE_TO_IMAGE: auto_pipeline._AUTO_IMAGE2IMAGE_DECODER_PIPELINES_MAPPING,
+    Task.INPAINTING: auto_pipeline._AUTO_INPAINT_DECODER_PIPELINES_MAPPING,
 }
 
 # Call arguments that have their own GenerateRequest field.
@@ -68,6 +76,15 @@ def task_classes(checkpoint_class: str) -> dict[Task, type[Any]]:
     return {task: mapping[family] for task, mapping in TASK_MAPPINGS.items() if family in mapping}
 
 
+def own_task(checkpoint_class: str, classes: Mapping[Task, type[Any]]) -> Task:
+    """The task a checkpoint class was saved for (a Kandinsky 2.2 inpainting decoder: inpainting)."""
+    for task, cls in classes.items():
+        decoder = DECODER_MAPPINGS[task].get(family_of(checkpoint_class) or "")
+        if checkpoint_class in (cls.__name__, getattr(decoder, "__name__", None)):
+            return task
+    return next(iter(classes))
+
+
 def supported_families() -> list[str]:
     return sorted({family for mapping in TASK_MAPPINGS.values() for family in mapping})
 
@@ -88,6 +105,12 @@ class TaskPipeline:
     default_size: tuple[int, int]
     size_multiple: int
     supports_previews: bool
+    # The smallest width/height the family runs at (a multiple of size_multiple).
+    min_size: int = 8
+    # The pipeline returns only default_size, whatever it is given (DeepFloyd IF image-to-image, inpainting).
+    fixed_size: bool = False
+    # A combined pipeline's inner pipelines in the order they run (Kandinsky: prior, decoder); () otherwise.
+    stages: tuple[Any, ...] = ()
 
     @property
     def pipeline_class(self) -> str:
@@ -96,6 +119,36 @@ class TaskPipeline:
     def default_of(self, name: str) -> Any:
         parameter = self.named_arguments.get(name)
         return None if parameter is None or parameter.default is parameter.empty else parameter.default
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """The per-model load options in force (ModelSpec asks; this says what was applied)."""
+
+    variant: str = ""
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    cpu_offload: bool = False
+
+
+def apply_memory_options(pipe: Any, spec: ModelSpec) -> LoadOptions:
+    """VAE tiling/slicing as the model spec asks, where the pipeline's autoencoder supports them."""
+    vae: Any = getattr(pipe, "vae", None)
+    tiling = bool(spec.vae_tiling and hasattr(vae, "enable_tiling"))
+    slicing = bool(spec.vae_slicing and hasattr(vae, "enable_slicing"))
+    if tiling:
+        vae.enable_tiling()
+    if slicing:
+        vae.enable_slicing()
+    for name, asked, done in (
+        ("vae_tiling", spec.vae_tiling, tiling),
+        ("vae_slicing", spec.vae_slicing, slicing),
+    ):
+        if asked and not done:
+            log.warning(
+                "%s: %s asked for, but %s has no VAE that supports it", spec.name, name, type(pipe).__name__
+            )
+    return LoadOptions(variant=spec.variant, vae_tiling=tiling, vae_slicing=slicing)
 
 
 @dataclass
@@ -111,14 +164,27 @@ class LoadedModel:
     scheduler_config: Any
     base: Any
     tasks: dict[Task, TaskPipeline] = field(default_factory=dict)
+    options: LoadOptions = field(default_factory=LoadOptions)
     # Set by acceleration.accelerate once the model is loaded (None: not applied).
     acceleration: AccelerationReport | None = None
     # LoRA adapters loaded by adapters.load_adapters: name -> the components each changes.
     adapters: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> None:
-        """Moves the shared modules (every task pipeline's) to `device`."""
-        self.base.to(device)
+        """Moves the shared modules (every task pipeline's) to `device`, or offloads them to it.
+
+        Model CPU offload keeps each module on the host until it runs; it needs an accelerator,
+        so on a CPU device the request is logged and ignored (Inspect shows it off).
+        """
+        if self.spec.cpu_offload and device.type != "cpu":
+            self.base.enable_model_cpu_offload(device=device)
+            self.options = dataclasses.replace(self.options, cpu_offload=True)
+        else:
+            if self.spec.cpu_offload:
+                log.warning(
+                    "%s: cpu_offload needs an accelerator; the model runs on %s", self.spec.name, device
+                )
+            self.base.to(device)
         self.device = device
 
     def task(self, task: Task) -> TaskPipeline:
@@ -171,49 +237,138 @@ def _parameter_bytes(pipe: Any) -> int:
     return total
 
 
-def _size_multiple(pipe: Any) -> int:
-    multiple = int(getattr(pipe, "vae_scale_factor", 8) or 8)
-    transformer = getattr(pipe, "transformer", None)
-    patch = getattr(getattr(transformer, "config", None), "patch_size", None)
-    if isinstance(patch, int) and patch > 1:
-        multiple *= patch
-    return multiple
+# ------------------------------------------------------------------------------------- capabilities
+# What a family can do is read from the loaded pipeline's own modules and attributes, never from a
+# table of family names: the autoencoder (vae, movq or none), latent packing and patching, sample sizes.
 
 
-def _default_size(pipe: Any, multiple: int) -> tuple[int, int]:
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
-    scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
-    if isinstance(sample, (list, tuple)):
-        return int(sample[1]) * scale, int(sample[0]) * scale
-    if isinstance(sample, int):
-        side = sample * scale
-        return side, side
-    return 1024 // multiple * multiple, 1024 // multiple * multiple
+def _autoencoder(pipe: Any) -> Any:
+    """The module that maps latents to pixels: `vae`, Kandinsky's `movq`, or None (pixel-space, e.g. IF)."""
+    return getattr(pipe, "vae", None) or getattr(pipe, "movq", None)
 
 
-def _supports_previews(pipe: Any, named: Mapping[str, inspect.Parameter]) -> bool:
-    vae = getattr(pipe, "vae", None)
-    return (
-        "callback_on_step_end" in named
-        and getattr(pipe, "unet", None) is not None
-        and vae is not None
-        and hasattr(vae, "decode")
-        and hasattr(pipe, "image_processor")
-    )
+def _denoiser(pipe: Any) -> Any:
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
 
 
-def _is_inpainting_unet(pipe: Any) -> bool:
-    unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
-    if unet is None or vae is None:
+def _latent_channels(pipe: Any) -> int | None:
+    autoencoder = _autoencoder(pipe)
+    if autoencoder is None:
+        return None
+    channels = getattr(autoencoder.config, "latent_channels", None)
+    return int(channels) if channels is not None else None
+
+
+def _patch_factor(pipe: Any) -> int:
+    """Latent pixels per token side: 2 when the pipeline packs 2x2 latents (Flux, Flux.2, Qwen-Image: their
+    `transformer.config.patch_size` does not show it), else the transformer's patch (`all_patch_size` for
+    Z-Image), else 1."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    patch = getattr(config, "patch_size", None)
+    if patch is None:
+        patch = getattr(config, "all_patch_size", None)
+    if isinstance(patch, (list, tuple)):
+        patch = patch[0] if patch else None
+    patch = int(patch) if isinstance(patch, int) and patch > 0 else 1
+    packs = 2 if hasattr(pipe, "_pack_latents") else 1
+    return max(patch, packs)
+
+
+def size_multiple_of(pipe: Any) -> int:
+    """The multiple width and height must be for `pipe` to return exactly the size it was asked for."""
+    movq = getattr(pipe, "movq", None)
+    if movq is not None:
+        # Kandinsky's downscale_height_and_width rounds the latent side up to a multiple of the MoVQ
+        # factor, so only multiples of factor**2 come back unchanged (72 -> 128 with factor 8).
+        factor = 2 ** (len(movq.config.block_out_channels) - 1)
+        return int(factor * factor)
+    if getattr(pipe, "vae", None) is None:
+        # Pixel-space (DeepFloyd IF): the UNet halves the image once per down block after the first.
+        denoiser = _denoiser(pipe)
+        blocks = len(getattr(getattr(denoiser, "config", None), "down_block_types", ()) or ())
+        return int(2 ** max(blocks - 1, 0))
+    return int(getattr(pipe, "vae_scale_factor", 8) or 8) * _patch_factor(pipe)
+
+
+def _pixel_scale(pipe: Any) -> int:
+    """Image pixels per latent pixel (1 for pixel-space pipelines)."""
+    if getattr(pipe, "movq", None) is not None:
+        return int(2 ** (len(pipe.movq.config.block_out_channels) - 1))
+    if getattr(pipe, "vae", None) is None:
+        return 1
+    return int(getattr(pipe, "vae_scale_factor", 8) or 8)
+
+
+def default_size_of(pipe: Any, named: Mapping[str, inspect.Parameter], multiple: int) -> tuple[int, int]:
+    """The size the pipeline itself uses when given none: its signature's default (Kandinsky: 512),
+    its `default_sample_size` (Flux, Qwen-Image, SDXL, SD3), or the denoiser's sample size, each in
+    pixels; 1024 for pipelines that hard-code it (Z-Image)."""
+    height, width = named.get("height"), named.get("width")
+    if (
+        height is not None
+        and width is not None
+        and isinstance(height.default, int)
+        and isinstance(width.default, int)
+    ):
+        size = (int(width.default), int(height.default))
+    else:
+        scale = _pixel_scale(pipe)
+        sample = getattr(pipe, "default_sample_size", None)
+        if not isinstance(sample, int):
+            sample = getattr(getattr(_denoiser(pipe), "config", None), "sample_size", None)
+        if isinstance(sample, (list, tuple)):
+            size = (int(sample[1]) * scale, int(sample[0]) * scale)
+        elif isinstance(sample, int):
+            size = (sample * scale, sample * scale)
+        else:
+            size = (1024, 1024)
+    return (max(multiple, size[0] // multiple * multiple), max(multiple, size[1] // multiple * multiple))
+
+
+def _returns_native_size(pipe: Any, named: Mapping[str, inspect.Parameter]) -> bool:
+    """A pixel-space pipeline without height/width resizes its input to the UNet's sample size (IF
+    image-to-image and inpainting), so that is the only size it returns."""
+    return _autoencoder(pipe) is None and not ("height" in named and "width" in named)
+
+
+def _unet_needs_mask_channels(pipe: Any) -> bool:
+    """A UNet whose input takes latents, mask and masked image (2 * latent + 1 channels)."""
+    unet, latent = getattr(pipe, "unet", None), _latent_channels(pipe)
+    if unet is None or latent is None:
         return False
-    latent = int(getattr(vae.config, "latent_channels", 4))
     return int(unet.config.in_channels) == 2 * latent + 1
+
+
+def runnable_tasks(base: Any, classes: Mapping[Task, type[Any]]) -> list[Task]:
+    """The tasks of `classes` this checkpoint can run.
+
+    A UNet with mask channels (SD inpainting, Kandinsky 2.2 inpainting decoders) runs only inpainting.
+    Otherwise every task runs, except inpainting through MoVQ decoders (Kandinsky 2.1/2.2): they
+    always concatenate mask and masked image, so a plain UNet cannot inpaint (SD/SDXL inpainting
+    pipelines blend latents for a plain UNet instead).
+    """
+    if _unet_needs_mask_channels(base):
+        return [Task.INPAINTING] if Task.INPAINTING in classes else []
+    tasks = list(classes)
+    if getattr(base, "movq", None) is not None and getattr(base, "unet", None) is not None:
+        tasks = [task for task in tasks if task is not Task.INPAINTING]
+    return tasks
+
+
+def _stages(pipe: Any) -> tuple[Any, ...]:
+    """The inner pipelines a combined pipeline runs, in order (its own progress bar is never driven)."""
+    stages = tuple(getattr(pipe, name, None) for name in ("prior_pipe", "decoder_pipe"))
+    return stages if all(stage is not None for stage in stages) else ()
 
 
 def _task_pipeline(task: Task, pipe: Any) -> TaskPipeline:
     named, accepted = call_parameters(type(pipe))
-    multiple = _size_multiple(pipe)
+    stages = _stages(pipe)
+    # A combined pipeline's sizes are its decoder's.
+    sized = stages[-1] if stages else pipe
+    multiple = size_multiple_of(sized)
+    default = default_size_of(sized, named, multiple)
+    fixed = _returns_native_size(sized, named)
     scheduler = pipe.scheduler
     compatibles = {cls.__name__: cls for cls in [type(scheduler), *getattr(scheduler, "compatibles", [])]}
     return TaskPipeline(
@@ -223,9 +378,12 @@ def _task_pipeline(task: Task, pipe: Any) -> TaskPipeline:
         accepted=accepted,
         schedulers=dict(sorted(compatibles.items())),
         default_scheduler=type(scheduler).__name__,
-        default_size=_default_size(pipe, multiple),
+        default_size=default,
         size_multiple=multiple,
-        supports_previews=_supports_previews(pipe, named),
+        supports_previews=previews.can_preview(pipe, named),
+        min_size=max(multiple, 8),
+        fixed_size=fixed,
+        stages=stages,
     )
 
 
@@ -256,16 +414,15 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype, allow_pickle: bool) -> Lo
             f"text-to-image, image-to-image or inpainting mapping; supported families: "
             f"{', '.join(supported_families())}"
         )
-    own_task = next(
-        (t for t, cls in classes.items() if cls.__name__ == checkpoint_class), next(iter(classes))
-    )
+    saved_for = own_task(checkpoint_class, classes)
     started = time.perf_counter()
     # A configured ControlNet makes AutoPipeline pick each task's ControlNet pipeline instead.
     controlnet = load_controlnet(spec, dtype=dtype, allow_pickle=allow_pickle)
     try:
-        base = AUTO_PIPELINES[own_task].from_pretrained(
+        base = AUTO_PIPELINES[saved_for].from_pretrained(
             spec.source,
             dtype=dtype,
+            variant=spec.variant or None,
             use_safetensors=None if allow_pickle else True,
             local_files_only=Path(spec.source).is_dir(),
             **controlnet,
@@ -276,15 +433,14 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype, allow_pickle: bool) -> Lo
         classes = task_classes(type(base).__name__)
         family = family_of(type(base).__name__) or family
     base.set_progress_bar_config(disable=True)
-    tasks = list(classes)
-    if _is_inpainting_unet(base):
-        # A UNet with masked-image input channels only works for inpainting.
-        tasks = [Task.INPAINTING] if Task.INPAINTING in classes else []
+    options = apply_memory_options(base, spec)
     pipes: dict[Task, Any] = {}
-    for task in tasks:
-        pipe = base if own_task == task else AUTO_PIPELINES[task].from_pipe(base)
+    for task in runnable_tasks(base, classes):
+        pipe = base if saved_for == task else AUTO_PIPELINES[task].from_pipe(base)
         pipe.set_progress_bar_config(disable=True)
         pipes[task] = pipe
+    if not pipes:
+        raise ModelFailed(f"{checkpoint_class} from {spec.source!r} can run none of the tasks of its family")
     model = LoadedModel(
         spec=spec,
         family=family,
@@ -294,6 +450,7 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype, allow_pickle: bool) -> Lo
         parameter_bytes=_parameter_bytes(base),
         scheduler_config=base.scheduler.config,
         base=base,
+        options=options,
         tasks={task: _task_pipeline(task, pipe) for task, pipe in sorted(pipes.items(), key=_task_order)},
     )
     log.info(

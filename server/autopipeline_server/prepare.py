@@ -105,6 +105,48 @@ class _Problems:
         self.add(field, f"{self._target.pipeline_class} takes none", reason=NOT_APPLICABLE)
 
 
+def _output_size(target: TaskPipeline, request: GenerationRequest, problems: _Problems) -> tuple[int, int]:
+    """The size the pipeline will return: explicit, else the input image's size rounded down to the
+    multiple, else the model default; a size the family cannot return exactly is a problem, never changed."""
+    multiple, minimum = target.size_multiple, target.min_size
+    # Explicit, else the input (or else the control) image's size rounded down, else the default.
+    sized_by = request.image if request.image is not None else request.control_image
+    if target.fixed_size:
+        base_width, base_height = target.default_size
+    elif sized_by is not None:
+        base_width, base_height = (max(minimum, _round_down(side, multiple)) for side in sized_by.size)
+    else:
+        base_width, base_height = target.default_size
+    width = request.width if request.width is not None else base_width
+    height = request.height if request.height is not None else base_height
+    for name, value, native in (
+        ("width", width, target.default_size[0]),
+        ("height", height, target.default_size[1]),
+    ):
+        if target.fixed_size and value != native:
+            problems.add(
+                name,
+                f"{target.pipeline_class} returns only the model's sample size, {native}; got {value}",
+            )
+        elif value % multiple or value < minimum:
+            problems.add(
+                name, f"must be a multiple of {multiple} and at least {minimum} for this model, got {value}"
+            )
+    return width, height
+
+
+def _check_stage_arguments(target: TaskPipeline, kwargs: dict[str, Any], problems: _Problems) -> None:
+    """Arguments of a combined pipeline's prior: UnCLIPScheduler divides by (steps - 1)."""
+    if not target.stages or "prior_num_inference_steps" not in target.named_arguments:
+        return
+    prior_steps = kwargs.get("prior_num_inference_steps", target.default_of("prior_num_inference_steps"))
+    if isinstance(prior_steps, int) and prior_steps < 2:
+        problems.add(
+            "parameters.prior_num_inference_steps",
+            f"must be at least 2 (the prior's scheduler needs two timesteps), got {prior_steps}",
+        )
+
+
 def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall:
     """Checks a request against the model's pipeline for its task and builds the call arguments.
 
@@ -113,19 +155,8 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
     target = model.task(request.task)
     problems = _Problems(target)
     named = target.named_arguments
-    multiple = target.size_multiple
 
-    # Sizes: explicit, else the input (or else the control) image's size rounded down, else the default.
-    sized_by = request.image if request.image is not None else request.control_image
-    if sized_by is not None:
-        base_width, base_height = (_round_down(side, multiple) for side in sized_by.size)
-    else:
-        base_width, base_height = target.default_size
-    width = request.width if request.width is not None else base_width
-    height = request.height if request.height is not None else base_height
-    for name, value in (("width", width), ("height", height)):
-        if value % multiple:
-            problems.add(name, f"must be a multiple of {multiple}, got {value}")
+    width, height = _output_size(target, request, problems)
 
     steps = request.num_inference_steps
     if steps is None:
@@ -158,7 +189,7 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
 
     if "height" in named and "width" in named:
         kwargs["height"], kwargs["width"] = height, width
-    elif sized_by is None and (width, height) != target.default_size:
+    elif request.image is None and request.control_image is None and (width, height) != target.default_size:
         problems.add("width", f"{target.pipeline_class} cannot set the output size")
 
     if request.image is not None:
@@ -201,6 +232,8 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
                 kwargs[name] = coerce(value, info.annotation)
             except TypeError as err:
                 problems.add(field_name, f"must match {info.describe()} ({err}), got {value!r}")
+
+    _check_stage_arguments(target, kwargs, problems)
 
     if request.preview_interval and not target.supports_previews:
         problems.add(

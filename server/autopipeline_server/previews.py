@@ -1,7 +1,18 @@
-"""Preview images of a call's latents between denoising steps (the VAE knowledge lives here)."""
+"""Preview images of a call's latents between denoising steps (the autoencoder knowledge lives here).
+
+A preview is cheap where the latent space is known: a linear latent-to-RGB projection (the published
+per-channel factors of the SD 1.x, SDXL, SD3 and Flux VAEs, as ComfyUI's `latent_formats.py` lists
+them), picked by the VAE's own configuration (latent channels, scaling and shift factors), never by a
+family name. Anything else is decoded in full: the VAE, Kandinsky's MoVQ, or nothing at all for
+pixel-space models (DeepFloyd IF's latents are the image). Packed DiT latents (Flux, Qwen-Image) are
+unpacked with the pipeline's own `_unpack_latents` first.
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import PIL.Image
@@ -10,9 +21,193 @@ import torch
 PREVIEW_MAX_SIDE = 256
 
 
-def decode_previews(pipe: Any, latents: torch.Tensor) -> list[PIL.Image.Image]:
-    """Decodes latents with the pipeline's VAE into thumbnails of at most PREVIEW_MAX_SIDE pixels."""
-    vae = pipe.vae
+@dataclass(frozen=True)
+class LatentFormat:
+    """A VAE's latent space as its config describes it, and the linear map of its latents to RGB."""
+
+    name: str
+    channels: int
+    scaling_factor: float
+    shift_factor: float | None
+    factors: tuple[tuple[float, float, float], ...]
+    bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def matches(self, config: Any) -> bool:
+        shift = getattr(config, "shift_factor", None)
+        return (
+            int(getattr(config, "latent_channels", 0) or 0) == self.channels
+            and abs(float(getattr(config, "scaling_factor", 0.0) or 0.0) - self.scaling_factor) < 1e-4
+            and (shift is None) == (self.shift_factor is None)
+            and (shift is None or self.shift_factor is None or abs(float(shift) - self.shift_factor) < 1e-4)
+        )
+
+
+# Published factors (ComfyUI comfy/latent_formats.py); they map model-space latents to RGB in [-1, 1].
+LATENT_FORMATS: tuple[LatentFormat, ...] = (
+    LatentFormat(
+        "sd1",
+        4,
+        0.18215,
+        None,
+        (
+            (0.3512, 0.2297, 0.3227),
+            (0.3250, 0.4974, 0.2350),
+            (-0.2829, 0.1762, 0.2721),
+            (-0.2120, -0.2616, -0.7177),
+        ),
+    ),
+    LatentFormat(
+        "sdxl",
+        4,
+        0.13025,
+        None,
+        (
+            (0.3651, 0.4232, 0.4341),
+            (-0.2533, -0.0042, 0.1068),
+            (0.1076, 0.1111, -0.0362),
+            (-0.3165, -0.2492, -0.2188),
+        ),
+        (0.1084, -0.0175, -0.0011),
+    ),
+    LatentFormat(
+        "sd3",
+        16,
+        1.5305,
+        0.0609,
+        (
+            (-0.0922, -0.0175, 0.0749),
+            (0.0311, 0.0633, 0.0954),
+            (0.1994, 0.0927, 0.0458),
+            (0.0856, 0.0339, 0.0902),
+            (0.0587, 0.0272, -0.0496),
+            (-0.0006, 0.1104, 0.0309),
+            (0.0978, 0.0306, 0.0427),
+            (-0.0042, 0.1038, 0.1358),
+            (-0.0194, 0.0020, 0.0669),
+            (-0.0488, 0.0130, -0.0268),
+            (0.0922, 0.0988, 0.0951),
+            (-0.0278, 0.0524, -0.0542),
+            (0.0332, 0.0456, 0.0895),
+            (-0.0069, -0.0030, -0.0810),
+            (-0.0596, -0.0465, -0.0293),
+            (-0.1448, -0.1463, -0.1189),
+        ),
+        (0.2394, 0.2135, 0.1925),
+    ),
+    LatentFormat(
+        "flux",
+        16,
+        0.3611,
+        0.1159,
+        (
+            (-0.0346, 0.0244, 0.0681),
+            (0.0034, 0.0210, 0.0687),
+            (0.0275, -0.0668, -0.0433),
+            (-0.0174, 0.0160, 0.0617),
+            (0.0859, 0.0721, 0.0329),
+            (0.0004, 0.0383, 0.0115),
+            (0.0405, 0.0861, 0.0915),
+            (-0.0236, -0.0185, -0.0259),
+            (-0.0245, 0.0250, 0.1180),
+            (0.1008, 0.0755, -0.0421),
+            (-0.0515, 0.0201, 0.0011),
+            (0.0428, -0.0012, -0.0036),
+            (0.0817, 0.0765, 0.0749),
+            (-0.1264, -0.0522, -0.1103),
+            (-0.0280, -0.0881, -0.0499),
+            (-0.1262, -0.0982, -0.0778),
+        ),
+        (-0.0329, -0.0718, -0.0851),
+    ),
+)
+
+
+def _decoder_pipe(pipe: Any) -> Any:
+    """The pipeline whose latents previews show: a combined pipeline's decoder, else the pipeline."""
+    return getattr(pipe, "decoder_pipe", None) or pipe
+
+
+def latent_hook(pipe: Any, named: Mapping[str, inspect.Parameter]) -> str | None:
+    """The call argument through which the latents can be watched, or None.
+
+    `callback_on_step_end` where the pipeline lists "latents" among its tensor inputs (combined
+    Kandinsky 2.2 forwards it to the decoder); else the legacy `callback(step, timestep, latents)`
+    (DeepFloyd IF, Kandinsky 2.1, PixArt).
+    """
+    decoder = _decoder_pipe(pipe)
+    if "callback_on_step_end" in named and "latents" in getattr(decoder, "_callback_tensor_inputs", ()):
+        return "callback_on_step_end"
+    if "callback" in named:
+        return "callback"
+    return None
+
+
+def _unpacks(pipe: Any) -> bool:
+    """Whether packed latents can be unpacked (Flux.2's need position ids, which a callback lacks)."""
+    return not hasattr(pipe, "_pack_latents") or hasattr(pipe, "_unpack_latents")
+
+
+def can_preview(pipe: Any, named: Mapping[str, inspect.Parameter]) -> bool:
+    decoder = _decoder_pipe(pipe)
+    vae, movq = getattr(decoder, "vae", None), getattr(decoder, "movq", None)
+    if latent_hook(pipe, named) is None or not _unpacks(decoder):
+        return False
+    if movq is not None:
+        return True
+    if vae is None:  # pixel-space: the latents are the image
+        return getattr(decoder, "unet", None) is not None
+    # Video-style VAEs (Qwen-Image) normalise per channel; only the linear map is offered for them.
+    return latent_format(vae.config) is not None or not hasattr(vae.config, "latents_mean")
+
+
+def latent_format(config: Any) -> LatentFormat | None:
+    return next((f for f in LATENT_FORMATS if f.matches(config)), None)
+
+
+class Previewer:
+    """Turns one call's latents into thumbnails; `mode` "auto" projects linearly where it can."""
+
+    def __init__(self, pipe: Any, width: int, height: int, *, mode: str = "auto") -> None:
+        self._pipe = _decoder_pipe(pipe)
+        self._width, self._height = width, height
+        vae = getattr(self._pipe, "vae", None)
+        self.format = latent_format(vae.config) if vae is not None and mode != "decode" else None
+        self.mode = "linear" if self.format is not None else "decode"
+
+    def __call__(self, latents: torch.Tensor) -> list[PIL.Image.Image]:
+        with torch.no_grad():
+            latents = self._unpacked(latents)
+            rgb = self._linear(latents) if self.format is not None else self._decode(latents)
+        return _thumbnails(rgb, (self._width, self._height))
+
+    def _unpacked(self, latents: torch.Tensor) -> torch.Tensor:
+        if latents.ndim == 3 and hasattr(self._pipe, "_unpack_latents"):
+            scale = int(getattr(self._pipe, "vae_scale_factor", 8))
+            latents = self._pipe._unpack_latents(latents, self._height, self._width, scale)
+        if latents.ndim == 5:  # (batch, channels, frames=1, h, w) of video-style VAEs
+            latents = latents[:, :, 0]
+        return latents
+
+    def _linear(self, latents: torch.Tensor) -> torch.Tensor:
+        assert self.format is not None
+        factors = torch.tensor(self.format.factors, dtype=torch.float32, device=latents.device)
+        bias = torch.tensor(self.format.bias, dtype=torch.float32, device=latents.device)
+        rgb = torch.einsum("bchw,cr->brhw", latents.float(), factors) + bias[None, :, None, None]
+        return (rgb + 1) / 2
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        pipe = self._pipe
+        movq, vae = getattr(pipe, "movq", None), getattr(pipe, "vae", None)
+        if movq is not None:
+            decoded: torch.Tensor = movq.decode(latents.to(movq.dtype), force_not_quantize=True)["sample"]
+        elif vae is None:
+            decoded = latents[:, :3]  # pixel-space: the noisy image itself
+        else:
+            decoded = _vae_decode(vae, latents)
+        return (decoded.float() + 1) / 2
+
+
+def _vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     scaled = latents / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
@@ -24,12 +219,19 @@ def decode_previews(pipe: Any, latents: torch.Tensor) -> list[PIL.Image.Image]:
     try:
         if upcast:
             vae.to(torch.float32)
-        with torch.no_grad():
-            decoded = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+        decoded: torch.Tensor = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
     finally:
         if upcast:
             vae.to(dtype)
-    images: list[PIL.Image.Image] = pipe.image_processor.postprocess(decoded.float(), output_type="pil")
-    for image in images:
-        image.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
-    return images
+    return decoded
+
+
+def _thumbnails(rgb: torch.Tensor, size: Sequence[int]) -> list[PIL.Image.Image]:
+    """Images in [0, 1] (batch, 3, h, w) as PIL thumbnails with the output's aspect ratio."""
+    width, height = size
+    scale = min(1.0, PREVIEW_MAX_SIDE / max(width, height))
+    target = (max(1, round(height * scale)), max(1, round(width * scale)))
+    if tuple(rgb.shape[-2:]) != target:
+        rgb = torch.nn.functional.interpolate(rgb, size=target, mode="bilinear", align_corners=False)
+    pixels = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [PIL.Image.fromarray(array) for array in pixels]

@@ -27,7 +27,7 @@ from autopipeline_server.errors import (
     ModelUnavailable,
     ServingError,
 )
-from autopipeline_server.pipelines import LoadedModel, load_model
+from autopipeline_server.pipelines import LoadedModel, load_model, resolve_dtype
 from autopipeline_server.settings import HUB_ID, ModelSpec, Settings
 from autopipeline_server.worker import InferenceWorker
 
@@ -266,8 +266,11 @@ class ModelRegistry:
 
         plan = self.acceleration
 
+        # A model's own dtype (Flux and other DiTs want bfloat16), else the server's.
+        dtype = self.dtype if spec.dtype == "auto" else resolve_dtype(spec.dtype, device)
+
         def read() -> LoadedModel:
-            model = load_model(spec, dtype=self.dtype, allow_pickle=self.settings.allow_pickle)
+            model = load_model(spec, dtype=dtype, allow_pickle=self.settings.allow_pickle)
             # Before `accelerate` compiles: hot-swapping needs its preparation first.
             load_adapters(model, prepare_hotswap=plan.mode == "compile")
             return model

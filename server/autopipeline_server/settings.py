@@ -29,7 +29,7 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # peft keys adapters by name in torch ModuleDicts, which refuse '.' in keys.
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # Per-model options given as flags or environment variables ("NAME=SOURCE", "MODEL:NAME=PATH"); in a
-# config file they are fields of the model entry (see `_model_from_mapping`).
+# config file they are fields of the model entry (see `ModelSpec.from_table`).
 MODEL_OPTIONS = ("controlnets", "loras")
 # A bearer token travels as gRPC metadata: printable ASCII, and no spaces so "Bearer <token>" parses.
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")
@@ -79,6 +79,58 @@ class ModelSpec:
     controlnet: str = ""
     # LoRA adapters loaded with the model, which requests may apply by name.
     adapters: tuple[AdapterSpec, ...] = ()
+    # Per-model load options (config file only; `--model NAME=SOURCE` takes the defaults).
+    # dtype: "auto" follows the server-wide `dtype`; Flux and other DiTs want "bfloat16".
+    dtype: str = "auto"
+    # A weights variant such as "fp16" (files named *.fp16.safetensors); empty: the default weights.
+    variant: str = ""
+    # Decode big images in tiles / one image at a time, to fit small GPUs.
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    # Keep modules on the host until they run (needs an accelerator; ignored on a CPU).
+    cpu_offload: bool = False
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> ModelSpec:
+        """A config-file model entry: {name, source} and any load options, e.g. {dtype = "bfloat16"}."""
+        known = ({f.name for f in dataclasses.fields(cls)} - {"adapters"}) | {"loras"}
+        unknown = sorted(set(table) - known)
+        if unknown or not {"name", "source"} <= set(table):
+            raise ConfigError(
+                "a model entry needs name and source and may set "
+                f"{', '.join(sorted(known - {'name', 'source'}))}; got {dict(table)!r}"
+            )
+        base = cls.parse(f"{table['name']}={table['source']}")
+        options: dict[str, Any] = {}
+        controlnet = table.get("controlnet", "")
+        if not isinstance(controlnet, str):
+            raise ConfigError(
+                f"model {base.name!r}: controlnet must be a directory or hub id, got {controlnet!r}"
+            )
+        options["controlnet"] = controlnet.strip()
+        # `loras` maps adapter names to safetensors files ({style = "/loras/style.safetensors"}), or
+        # lists NAME=PATH strings.
+        loras = table.get("loras", ())
+        if isinstance(loras, Mapping):
+            texts = [f"{name}={path}" for name, path in loras.items()]
+        elif isinstance(loras, Sequence) and not isinstance(loras, str):
+            texts = [str(text) for text in loras]
+        else:
+            raise ConfigError(f"model {base.name!r}: loras must map names to files, got {loras!r}")
+        options["adapters"] = tuple(AdapterSpec.parse(text) for text in texts)
+        for key in ("dtype", "variant"):
+            if key in table:
+                if not isinstance(table[key], str):
+                    raise ConfigError(f"model {base.name!r}: {key} must be a string, got {table[key]!r}")
+                options[key] = table[key]
+        for key in ("vae_tiling", "vae_slicing", "cpu_offload"):
+            if key in table:
+                options[key] = _coerce(f"model {base.name!r}: {key}", table[key], False)
+        if options.get("dtype", "auto") not in DTYPES:
+            raise ConfigError(
+                f"model {base.name!r}: dtype {options['dtype']!r} must be one of {', '.join(DTYPES)}"
+            )
+        return dataclasses.replace(base, **options)
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
@@ -409,41 +461,11 @@ def _models_from(value: Any) -> tuple[ModelSpec, ...]:
             elif isinstance(item, str):
                 specs.append(ModelSpec.parse(item))
             elif isinstance(item, Mapping):
-                specs.append(_model_from_mapping(item))
+                specs.append(ModelSpec.from_table(item))
             else:
                 raise ConfigError(f"a model entry must be NAME=SOURCE or {{name, source}}, got {item!r}")
         return tuple(specs)
     raise ConfigError(f"models must be a list, got {value!r}")
-
-
-def _model_from_mapping(item: Mapping[str, Any]) -> ModelSpec:
-    """A config file's model entry: {name, source} and optionally controlnet and loras.
-
-    `loras` maps adapter names to safetensors files ({style: /loras/style.safetensors}), or lists
-    NAME=PATH strings.
-    """
-    keys = set(item)
-    optional = {"controlnet", "loras"}
-    if not {"name", "source"} <= keys or keys - {"name", "source", *optional}:
-        raise ConfigError(
-            f"a model entry must be NAME=SOURCE or {{name, source}} (optionally with controlnet and "
-            f"loras), got {dict(item)!r}"
-        )
-    spec = ModelSpec.parse(f"{item['name']}={item['source']}")
-    controlnet = item.get("controlnet", "")
-    if not isinstance(controlnet, str):
-        raise ConfigError(
-            f"model {spec.name!r}: controlnet must be a directory or hub id, got {controlnet!r}"
-        )
-    loras = item.get("loras", ())
-    if isinstance(loras, Mapping):
-        texts = [f"{name}={path}" for name, path in loras.items()]
-    elif isinstance(loras, Sequence) and not isinstance(loras, str):
-        texts = [str(text) for text in loras]
-    else:
-        raise ConfigError(f"model {spec.name!r}: loras must map names to files, got {loras!r}")
-    adapters = tuple(AdapterSpec.parse(text) for text in texts)
-    return dataclasses.replace(spec, controlnet=controlnet.strip(), adapters=adapters)
 
 
 def _split_model_options(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

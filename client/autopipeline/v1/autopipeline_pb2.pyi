@@ -531,7 +531,11 @@ class Started(_message.Message):
     "StableDiffusionXLImg2ImgPipeline".
     """
     total_steps: _builtins.int
-    """Denoising steps this call will run (after `strength` is applied)."""
+    """Denoising steps this call will run (after `strength` is applied). For a
+    combined pipeline (Kandinsky 2.1/2.2: prior, then decoder) it counts the
+    steps of both stages: `prior_num_inference_steps` plus the decoder's, and
+    `progress` counts on across the stages.
+    """
     batch_requests: _builtins.int
     """How many requests share this pipeline call (1 without batching)."""
     width: _builtins.int
@@ -1127,6 +1131,10 @@ class ModelInfo(_message.Message):
     REPLICAS_FIELD_NUMBER: _builtins.int
     CONTROLNET_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    VAE_TILING_FIELD_NUMBER: _builtins.int
+    VAE_SLICING_FIELD_NUMBER: _builtins.int
+    CPU_OFFLOAD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use."""
     source: _builtins.str
@@ -1160,6 +1168,16 @@ class ModelInfo(_message.Message):
     """Where the model's ControlNet comes from: the ControlNet source the
     operator configured for it, or `source` itself for a checkpoint saved with
     a ControlNet; empty for a model without one.
+    """
+    variant: _builtins.str
+    """The weights variant loaded (e.g. "fp16"); empty: the default weights."""
+    vae_tiling: _builtins.bool
+    """Whether the VAE decodes in tiles (large images on small GPUs)."""
+    vae_slicing: _builtins.bool
+    """Whether the VAE decodes one image at a time."""
+    cpu_offload: _builtins.bool
+    """Whether model CPU offload is in force (modules stay on the host until
+    they run; only with an accelerator).
     """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskInfo]:
@@ -1208,10 +1226,14 @@ class ModelInfo(_message.Message):
         replicas: _abc.Iterable[Global___ModelReplica] | None = ...,
         controlnet: _builtins.str = ...,
         adapters: _abc.Iterable[Global___AdapterInfo] | None = ...,
+        variant: _builtins.str = ...,
+        vae_tiling: _builtins.bool = ...,
+        vae_slicing: _builtins.bool = ...,
+        cpu_offload: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acceleration", b"acceleration", "load_duration", b"load_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceleration", b"acceleration", "adapters", b"adapters", "checkpoint_class", b"checkpoint_class", "controlnet", b"controlnet", "device", b"device", "dtype", b"dtype", "family", b"family", "is_default", b"is_default", "load_duration", b"load_duration", "loads", b"loads", "name", b"name", "on_demand", b"on_demand", "parameter_bytes", b"parameter_bytes", "replicas", b"replicas", "source", b"source", "state", b"state", "state_reason", b"state_reason", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceleration", b"acceleration", "adapters", b"adapters", "checkpoint_class", b"checkpoint_class", "controlnet", b"controlnet", "cpu_offload", b"cpu_offload", "device", b"device", "dtype", b"dtype", "family", b"family", "is_default", b"is_default", "load_duration", b"load_duration", "loads", b"loads", "name", b"name", "on_demand", b"on_demand", "parameter_bytes", b"parameter_bytes", "replicas", b"replicas", "source", b"source", "state", b"state", "state_reason", b"state_reason", "tasks", b"tasks", "vae_slicing", b"vae_slicing", "vae_tiling", b"vae_tiling", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1291,6 +1313,9 @@ class TaskInfo(_message.Message):
     SUPPORTS_PREVIEWS_FIELD_NUMBER: _builtins.int
     SIZE_MULTIPLE_FIELD_NUMBER: _builtins.int
     REQUIRES_CONTROL_IMAGE_FIELD_NUMBER: _builtins.int
+    MIN_SIZE_FIELD_NUMBER: _builtins.int
+    FIXED_SIZE_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
     task: Global___Task.ValueType
     """The task."""
     pipeline_class: _builtins.str
@@ -1304,10 +1329,25 @@ class TaskInfo(_message.Message):
     supports_previews: _builtins.bool
     """Whether `preview_interval` is supported."""
     size_multiple: _builtins.int
-    """Output width and height must be multiples of this."""
+    """Output width and height must be multiples of this (what the family
+    needs: e.g. 8 for SD/SDXL, 16 for Flux, SD3, Qwen-Image and Z-Image, 32
+    for Sana, 64 for Kandinsky); other sizes are INVALID_ARGUMENT.
+    """
     requires_control_image: _builtins.bool
     """Whether the task's pipeline is a ControlNet pipeline: requests must carry
     a `control_image`.
+    """
+    min_size: _builtins.int
+    """The smallest output width and height the model runs at."""
+    fixed_size: _builtins.bool
+    """True when the pipeline returns only `default_width` x `default_height`
+    whatever it is given (DeepFloyd IF image-to-image and inpainting resize
+    the input to the model's sample size): width and height must be unset or
+    equal to those.
+    """
+    stages: _builtins.int
+    """Denoising stages the pipeline runs, in order: 1 for most, 2 for combined
+    pipelines (prior, then decoder); `Started.total_steps` counts all of them.
     """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterInfo]:
@@ -1330,10 +1370,13 @@ class TaskInfo(_message.Message):
         supports_previews: _builtins.bool = ...,
         size_multiple: _builtins.int = ...,
         requires_control_image: _builtins.bool = ...,
+        min_size: _builtins.int = ...,
+        fixed_size: _builtins.bool = ...,
+        stages: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "parameters", b"parameters", "pipeline_class", b"pipeline_class", "requires_control_image", b"requires_control_image", "schedulers", b"schedulers", "size_multiple", b"size_multiple", "supports_previews", b"supports_previews", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "fixed_size", b"fixed_size", "min_size", b"min_size", "parameters", b"parameters", "pipeline_class", b"pipeline_class", "requires_control_image", b"requires_control_image", "schedulers", b"schedulers", "size_multiple", b"size_multiple", "stages", b"stages", "supports_previews", b"supports_previews", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
