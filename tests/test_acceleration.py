@@ -20,7 +20,7 @@ from autopipeline_server.acceleration import (
     accelerate,
     configure_cache,
 )
-from autopipeline_server.calls import prepare_call, run_batch, run_call
+from autopipeline_server.calls import QuietHooks, prepare_call, run_batch, run_call
 from autopipeline_server.domain import GenerationRequest, ModelState, Task
 from autopipeline_server.pipelines import LoadedModel, load_model
 from autopipeline_server.registry import ModelEntry
@@ -30,20 +30,6 @@ from autopipeline_server.settings import ConfigError, ModelSpec, Settings, load_
 # order again, so latents differ by ~1e-6; after rounding to 8-bit pixels at most one level moves.
 PIXEL_TOLERANCE = 1
 DECLARED = (64, 64, 2)  # the tiny model's default size, two images per call (denoiser batch 4 with CFG)
-
-
-class _Hooks:
-    def started(self, total_steps: int) -> None:
-        pass
-
-    def step(self, step: int, total_steps: int) -> None:
-        pass
-
-    def preview(self, step: int, images: list[PIL.Image.Image]) -> None:
-        pass
-
-    def cancelled(self) -> bool:
-        return False
 
 
 def _plan(cache_dir: Path, mode: str = "compile") -> AccelerationPlan:
@@ -131,8 +117,8 @@ def test_compiled_images_equal_eager_images_at_a_declared_shape(
     compiled: LoadedModel, eager: LoadedModel
 ) -> None:
     with _Watch(compiled) as watch:
-        fast = run_call(prepare_call(compiled, _request(2)), _Hooks())
-    slow = run_call(prepare_call(eager, _request(2)), _Hooks())
+        fast = run_call(prepare_call(compiled, _request(2)), QuietHooks())
+    slow = run_call(prepare_call(eager, _request(2)), QuietHooks())
     assert watch.compiled >= 3 and watch.eager == 0  # every denoiser call (PNDM: steps + 1) compiled
     assert watch.fallbacks == 0 and watch.graphs == 0  # and nothing was compiled on the way
     assert np.abs(_pixels(fast) - _pixels(slow)).max() <= PIXEL_TOLERANCE
@@ -142,9 +128,9 @@ def test_an_undeclared_shape_runs_eagerly_without_compiling(
     compiled: LoadedModel, eager: LoadedModel
 ) -> None:
     with _Watch(compiled) as watch:
-        fast = run_call(prepare_call(compiled, _request(1, width=32, height=48)), _Hooks())
-        run_call(prepare_call(compiled, _request(1)), _Hooks())  # the declared size, an undeclared batch
-    slow = run_call(prepare_call(eager, _request(1, width=32, height=48)), _Hooks())
+        fast = run_call(prepare_call(compiled, _request(1, width=32, height=48)), QuietHooks())
+        run_call(prepare_call(compiled, _request(1)), QuietHooks())  # the declared size, an undeclared batch
+    slow = run_call(prepare_call(eager, _request(1, width=32, height=48)), QuietHooks())
     # PNDM (the model's scheduler) calls the denoiser steps + 1 times: 2 requests x 4 calls.
     assert (watch.compiled, watch.eager, watch.fallbacks, watch.graphs) == (0, 8, 0, 0)
     assert np.abs(_pixels(fast) - _pixels(slow)).max() <= PIXEL_TOLERANCE
@@ -157,11 +143,12 @@ def test_scheduler_batch_composition_and_task_do_not_recompile(compiled: LoadedM
     assert two_callers[0].batch_key() == two_callers[1].batch_key()
     image = PIL.Image.new("RGB", (64, 64), (200, 30, 30))
     with _Watch(compiled) as watch:
-        results = run_batch(two_callers, [_Hooks(), _Hooks()])
+        results = run_batch(two_callers, [QuietHooks(), QuietHooks()])
         # No guidance: no CFG, so four images are the same denoiser batch as two with guidance.
-        run_call(prepare_call(compiled, _request(4, guidance_scale=1.0)), _Hooks())
+        run_call(prepare_call(compiled, _request(4, guidance_scale=1.0)), QuietHooks())
         run_call(
-            prepare_call(compiled, _request(2, task=Task.IMAGE_TO_IMAGE, image=image, strength=1.0)), _Hooks()
+            prepare_call(compiled, _request(2, task=Task.IMAGE_TO_IMAGE, image=image, strength=1.0)),
+            QuietHooks(),
         )
     assert [len(images) for images in results] == [1, 1]
     # Euler: 3 calls; PNDM: 4 calls, twice.

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 from autopipeline_server.acceleration import AccelerationPlan, accelerate
 from autopipeline_server.adapters import load_adapters
-from autopipeline_server.calls import run_call
+from autopipeline_server.calls import QuietHooks, run_call
 from autopipeline_server.domain import AdapterWeight, GenerationRequest, Task
 from autopipeline_server.pipelines import LoadedModel, load_model
 from autopipeline_server.prepare import prepare_call
@@ -19,20 +18,6 @@ from autopipeline_server.tiny_lora import build_tiny_lora
 
 STYLE = (AdapterWeight("style", 1.0),)
 MIXED = (AdapterWeight("other", 0.5), AdapterWeight("style", 0.5))
-
-
-class _Hooks:
-    def started(self, total_steps: int) -> None:
-        pass
-
-    def step(self, step: int, total_steps: int) -> None:
-        pass
-
-    def preview(self, step: int, images: list[PIL.Image.Image]) -> None:
-        pass
-
-    def cancelled(self) -> bool:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +51,7 @@ def _pixels(model: LoadedModel, adapters: tuple[AdapterWeight, ...] = ()) -> np.
         seed=4,
         adapters=adapters,
     )
-    return np.asarray(run_call(prepare_call(model, request), _Hooks())[0], dtype=np.int16)
+    return np.asarray(run_call(prepare_call(model, request), QuietHooks())[0], dtype=np.int16)
 
 
 def test_switching_adapters_on_a_compiled_model_runs_them_eagerly_and_correctly(spec: ModelSpec) -> None:

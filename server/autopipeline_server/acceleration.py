@@ -359,7 +359,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     Returns (and attaches to the model) the report Inspect shows. A failure to compile leaves the
     model serving eagerly, with the error in the report, rather than failing the model.
     """
-    from autopipeline_server.calls import run_call
+    from autopipeline_server.calls import QuietHooks, run_call
     from autopipeline_server.prepare import prepare_call
 
     report = AccelerationReport(requested=plan.requested, mode=plan.mode)
@@ -390,7 +390,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
         for request, batch in requests:
             known = set(dispatcher.ready)
             with dispatcher.warming(request.task):
-                run_call(prepare_call(model, request), _QuietHooks())
+                run_call(prepare_call(model, request), QuietHooks())
             assert request.width is not None
             assert request.height is not None
             report.compiled_shapes.extend(
@@ -422,19 +422,3 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
         ", ".join(f"{s.task.value} {s.width}x{s.height}x{s.batch_size}" for s in report.compiled_shapes),
     )
     return report
-
-
-class _QuietHooks:
-    """Call hooks that report nowhere (warm-up calls have no caller)."""
-
-    def started(self, total_steps: int) -> None:
-        pass
-
-    def step(self, step: int, total_steps: int) -> None:
-        pass
-
-    def preview(self, step: int, images: list[PIL.Image.Image]) -> None:
-        pass
-
-    def cancelled(self) -> bool:
-        return False

@@ -300,21 +300,24 @@ def warm_up_size(target: TaskPipeline) -> tuple[int, int]:
     return min(side, target.default_size[0]), min(side, target.default_size[1])
 
 
+class QuietHooks:
+    """Call hooks that report nowhere: warm-up and compile calls have no caller."""
+
+    def started(self, total_steps: int) -> None:
+        pass
+
+    def step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def preview(self, step: int, images: list[PIL.Image.Image]) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return False
+
+
 def warm_up(model: LoadedModel) -> None:
     """Runs one small generation so first requests do not pay for lazy initialisation."""
-
-    class _Quiet:
-        def started(self, total_steps: int) -> None:
-            pass
-
-        def step(self, step: int, total_steps: int) -> None:
-            pass
-
-        def preview(self, step: int, images: list[PIL.Image.Image]) -> None:
-            pass
-
-        def cancelled(self) -> bool:
-            return False
 
     task = next(iter(model.tasks))  # text-to-image when the checkpoint can do it, else what it can
     target = model.tasks[task]
@@ -336,5 +339,5 @@ def warm_up(model: LoadedModel) -> None:
         control_image=controlnet.warm_up_image(target, size),
     )
     started = time.perf_counter()
-    run_call(prepare_call(model, request), _Quiet())
+    run_call(prepare_call(model, request), QuietHooks())
     log.info("warmed up %s (%s) in %.2fs", model.spec.name, task.value, time.perf_counter() - started)
