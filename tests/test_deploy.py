@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from autopipeline_server.cli import build_parser
+from autopipeline_server.cli import build_parser, serve_flags
 from autopipeline_server.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ def settings(container: dict[str, Any]) -> Settings:
     assert Path(args.config).parent == Path(config_dir)
     (config_map,) = generated_config_maps()
     assert Path(args.config).name in config_map["data"]
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")}
+    flags = serve_flags(args)
     environ = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
     return load_settings(flags, environ, config_file=DEPLOY / Path(args.config).name)
 
