@@ -23,6 +23,8 @@ FIELD_ARGUMENTS = {
     "image": "image",
     "mask_image": "mask_image",
 }
+# List-valued arguments that set the denoising schedule: each entry is one step.
+SCHEDULE_ARGUMENTS = ("timesteps", "sigmas")
 # Call arguments the server owns: callbacks, randomness, output control and tensors.
 RESERVED_ARGUMENTS = frozenset(
     {

@@ -14,7 +14,7 @@ import torch
 from autopipeline_server.domain import GenerationRequest, Task
 from autopipeline_server.errors import OutOfMemory
 from autopipeline_server.pipelines import LoadedModel
-from autopipeline_server.prepare import PER_MEMBER_ARGUMENTS, PreparedCall, prepare_call
+from autopipeline_server.prepare import PER_MEMBER_ARGUMENTS, PreparedCall, attach_inputs, prepare_call
 from autopipeline_server.previews import decode_previews
 
 log = logging.getLogger(__name__)
@@ -235,5 +235,7 @@ def warm_up(model: LoadedModel) -> None:
         mask_image=mask,
     )
     started = time.perf_counter()
-    run_call(prepare_call(model, request), _Quiet())
+    call = prepare_call(model, request)
+    attach_inputs(call, image, mask)
+    run_call(call, _Quiet())
     log.info("warmed up %s (%s) in %.2fs", model.spec.name, task.value, time.perf_counter() - started)

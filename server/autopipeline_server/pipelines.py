@@ -19,6 +19,7 @@ from diffusers import (
     DiffusionPipeline,
 )
 from diffusers.pipelines import auto_pipeline
+from diffusers.utils.import_utils import DummyObject
 
 from autopipeline_server.arguments import ParameterInfo, call_parameters
 from autopipeline_server.domain import Task
@@ -199,7 +200,11 @@ def _task_pipeline(task: Task, pipe: Any) -> TaskPipeline:
     named, accepted = call_parameters(type(pipe))
     multiple = _size_multiple(pipe)
     scheduler = pipe.scheduler
-    compatibles = {cls.__name__: cls for cls in [type(scheduler), *getattr(scheduler, "compatibles", [])]}
+    compatibles = {
+        cls.__name__: cls
+        for cls in [type(scheduler), *getattr(scheduler, "compatibles", [])]
+        if _importable(cls)
+    }
     return TaskPipeline(
         task=task,
         pipe=pipe,
@@ -211,6 +216,29 @@ def _task_pipeline(task: Task, pipe: Any) -> TaskPipeline:
         size_multiple=multiple,
         supports_previews=_supports_previews(pipe, named),
     )
+
+
+def _importable(cls: type[Any]) -> bool:
+    """False for diffusers' stand-in of a class whose optional dependency (scipy, torchsde) is missing."""
+    return not isinstance(cls, DummyObject)
+
+
+def _alias_text_models(pipe: Any) -> None:
+    """Lets diffusers reach CLIP text encoders as `text_encoder.text_model`, as before transformers 5.
+
+    transformers 5 flattened `CLIPTextModel` (its layers are the model's own), but diffusers 0.42
+    still reads `text_encoder.text_model.final_layer_norm` for `clip_skip` and
+    `text_model.encoder.layers` for a LoRA `scale`. The alias is a plain attribute, not a
+    submodule, so weights, `state_dict` and `.to()` are unaffected.
+    """
+    for component in pipe.components.values():
+        if (
+            isinstance(component, torch.nn.Module)
+            and not hasattr(component, "text_model")
+            and hasattr(component, "final_layer_norm")
+            and hasattr(component, "encoder")
+        ):
+            object.__setattr__(component, "text_model", component)
 
 
 def read_checkpoint_class(source: str) -> str:
@@ -254,6 +282,7 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype, allow_pickle: bool) -> Lo
     except Exception as err:
         raise ModelFailed(f"loading {spec.source!r} failed: {type(err).__name__}: {err}") from err
     base.set_progress_bar_config(disable=True)
+    _alias_text_models(base)
     tasks = list(classes)
     if _is_inpainting_unet(base):
         # A UNet with masked-image input channels only works for inpainting.

@@ -7,16 +7,26 @@ problems in one error. Nothing here runs the pipeline: that is `calls.py`, on th
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import json
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import PIL.Image
 
-from autopipeline_server.arguments import FIELD_ARGUMENTS, RESERVED_ARGUMENTS, coerce, jsonable
+from autopipeline_server.arguments import (
+    FIELD_ARGUMENTS,
+    RESERVED_ARGUMENTS,
+    SCHEDULE_ARGUMENTS,
+    coerce,
+    jsonable,
+)
+from autopipeline_server.codecs import oriented_size
 from autopipeline_server.domain import GenerationRequest
-from autopipeline_server.errors import InvalidRequest
+from autopipeline_server.errors import InvalidRequest, quote
 from autopipeline_server.pipelines import LoadedModel, TaskPipeline
 
 # Arguments that differ between the members of a batched call; each member's go into lists.
@@ -68,6 +78,11 @@ class PreparedCall:
             ]
         )
 
+    def release_inputs(self) -> None:
+        """Drops the decoded input images once the call has ended, whoever still holds the call."""
+        self.kwargs.pop("image", None)
+        self.kwargs.pop("mask_image", None)
+
     def resolved_parameters(self) -> dict[str, Any]:
         """The call arguments JSON can express, for the `completed` event (seeds have typed fields)."""
         resolved: dict[str, Any] = {}
@@ -100,19 +115,61 @@ class _Problems:
         self.add(field, f"{self._target.pipeline_class} takes none", reason=NOT_APPLICABLE)
 
 
+def _check_schedule(
+    problems: _Problems, target: TaskPipeline, name: str, scheduler: str, values: Any
+) -> None:
+    """`timesteps`/`sigmas` as the scheduler can use them: supported, non-empty, strictly decreasing.
+
+    diffusers does not check these: an empty list or repeated timesteps fail deep inside a step.
+    """
+    field_name = f"parameters.{name}"
+    cls = target.schedulers.get(scheduler)
+    if cls is not None and name not in inspect.signature(cls.set_timesteps).parameters:
+        problems.add(field_name, f"{scheduler} does not take a custom schedule; choose another scheduler")
+        return
+    if not isinstance(values, (list, tuple)) or not values:
+        problems.add(field_name, "must be a non-empty list, one entry per step")
+        return
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        problems.add(field_name, "must hold finite numbers")
+        return
+    if any(later >= earlier for earlier, later in itertools.pairwise(values)):
+        problems.add(field_name, "must be strictly decreasing (noisiest first)")
+    train_steps = int(target.pipe.scheduler.config.get("num_train_timesteps", 1000))
+    if name == "timesteps" and not all(0 <= v < train_steps for v in values):
+        problems.add(field_name, f"must lie in [0, {train_steps}), the model's training timesteps")
+    if name == "sigmas" and min(values) < 0:
+        problems.add(field_name, "must not be negative")
+
+
+def attach_inputs(call: PreparedCall, image: PIL.Image.Image | None, mask: PIL.Image.Image | None) -> None:
+    """Adds the decoded input image and mask to a prepared call, resized to its output size."""
+    size = (call.width, call.height)
+    if image is not None:
+        if image.size != size:
+            image = image.resize(size, PIL.Image.Resampling.LANCZOS)
+        call.kwargs["image"] = image
+    if mask is not None:
+        if mask.size != size:
+            mask = mask.resize(size, PIL.Image.Resampling.NEAREST)
+        call.kwargs["mask_image"] = mask
+
+
 def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall:
     """Checks a request against the model's pipeline for its task and builds the call arguments.
 
     `request` has passed `convert.generation_request`, so only what depends on the model is checked.
+    No pixel is touched: the inputs join the call with `attach_inputs` once they are decoded.
     """
     target = model.task(request.task)
     problems = _Problems(target)
     named = target.named_arguments
     multiple = target.size_multiple
 
-    # Sizes: explicit, else the input image's size (rounded down), else the model default.
+    # Sizes: explicit, else the input image's size (rounded down), else the model default. Only the
+    # input's header is read here: its pixels are decoded once the request is admitted.
     if request.image is not None:
-        base_width, base_height = (_round_down(side, multiple) for side in request.image.size)
+        base_width, base_height = (_round_down(side, multiple) for side in oriented_size(request.image))
     else:
         base_width, base_height = target.default_size
     width = request.width if request.width is not None else base_width
@@ -155,21 +212,10 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
     elif request.image is None and (width, height) != target.default_size:
         problems.add("width", f"{target.pipeline_class} cannot set the output size")
 
-    if request.image is not None:
-        image = request.image
-        if image.size != (width, height):
-            image = image.resize((width, height), PIL.Image.Resampling.LANCZOS)
-        kwargs["image"] = image
-    if request.mask_image is not None:
-        mask = request.mask_image
-        if mask.size != (width, height):
-            mask = mask.resize((width, height), PIL.Image.Resampling.NEAREST)
-        kwargs["mask_image"] = mask
-
     scheduler = request.scheduler or target.default_scheduler
     if scheduler not in target.schedulers:
         problems.add(
-            "scheduler", f"{scheduler!r} is not compatible; choose one of {', '.join(target.schedulers)}"
+            "scheduler", f"{quote(scheduler)} is not compatible; choose one of {', '.join(target.schedulers)}"
         )
 
     for name, value in request.parameters.items():
@@ -188,7 +234,20 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
             try:
                 kwargs[name] = coerce(value, info.annotation)
             except TypeError as err:
-                problems.add(field_name, f"must match {info.describe()} ({err}), got {value!r}")
+                problems.add(field_name, f"must match {info.describe()} ({err}), got {quote(repr(value))}")
+            else:
+                if name in SCHEDULE_ARGUMENTS:
+                    _check_schedule(problems, target, name, scheduler, kwargs[name])
+
+    schedule = [kwargs[name] for name in SCHEDULE_ARGUMENTS if kwargs.get(name) is not None]
+    if len(schedule) > 1:
+        problems.add("parameters.sigmas", "set `timesteps` or `sigmas`, not both")
+    elif schedule:
+        steps = len(schedule[0])  # a custom schedule sets the step count
+        kwargs["num_inference_steps"] = steps
+        strength = kwargs.get("strength")
+        if strength is not None and int(steps * strength) < 1:
+            problems.add("strength", f"leaves no step of the {steps} the schedule has")
 
     if request.preview_interval and not target.supports_previews:
         problems.add(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import grpc
@@ -13,17 +16,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # grpc-stubs predate aio
 from grpc_reflection.v1alpha import reflection
 
+from autopipeline_server.admission import Admission
 from autopipeline_server.auth import BearerTokenInterceptor
 from autopipeline_server.domain import ModelState
 from autopipeline_server.pipelines import resolve_device, resolve_dtype
 from autopipeline_server.registry import ModelEntry, ModelRegistry
 from autopipeline_server.servicer import SERVICE_NAME, AutoPipelineServicer, service_handler
 from autopipeline_server.settings import Settings, describe, read_tls_files
-from autopipeline_server.worker import InferenceWorker
+from autopipeline_server.worker import STUCK_CALL_SECONDS, InferenceWorker
 
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+# glibc's mallopt parameter, and the size from which buffers get their own mapping.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1024 * 1024
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -39,22 +46,29 @@ class RunningServer:
     worker: InferenceWorker
     health: health_aio.HealthServicer
     loading: asyncio.Task[None]
+    admission: Admission
 
     async def wait_until_loaded(self) -> None:
         """Returns when every configured model has finished loading (ready or failed)."""
         await asyncio.shield(self.loading)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drains: health turns NOT_SERVING, new requests get UNAVAILABLE, in-flight work gets `grace`."""
+    async def stop(self, grace: float | None = None, *, stuck_after: float = STUCK_CALL_SECONDS) -> bool:
+        """Drains: health turns NOT_SERVING, new requests get UNAVAILABLE, in-flight work gets `grace`.
+
+        Returns within about grace + `stuck_after` + 1 seconds whatever is running; False when a
+        call stuck inside a step kept the device thread (the process should then exit: see `serve`).
+        """
         grace = self.settings.grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.worker.drain(grace)
+        clean = await self.worker.drain(grace, stuck_after=stuck_after)
         await self.server.stop(grace=1.0)
         self.loading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.loading
-        await self.worker.close()
+        await self.worker.close(wait=clean)
+        self.admission.close()
         self.registry.close()
+        return clean
 
 
 async def create_server(settings: Settings) -> RunningServer:
@@ -83,17 +97,20 @@ async def create_server(settings: Settings) -> RunningServer:
     registry = ModelRegistry(
         settings, device=device, dtype=dtype, worker=worker, on_state_change=on_state_change
     )
-    servicer = AutoPipelineServicer(settings, registry, worker)
+    admission = Admission(settings, worker.stats, worker.retry_hint)
+    servicer = AutoPipelineServicer(settings, registry, worker, admission)
 
+    release_freed_memory()
     server = grpc.aio.server(
         interceptors=[BearerTokenInterceptor(settings.tokens)] if settings.tokens else None,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
             ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )
-    server.add_generic_rpc_handlers((service_handler(servicer),))
+    server.add_generic_rpc_handlers((service_handler(servicer, admission),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -130,7 +147,7 @@ async def create_server(settings: Settings) -> RunningServer:
         )
 
     loading = asyncio.get_running_loop().create_task(load(), name="load-models")
-    return RunningServer(server, port, settings, registry, worker, health_servicer, loading)
+    return RunningServer(server, port, settings, registry, worker, health_servicer, loading, admission)
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
@@ -168,5 +185,25 @@ async def serve(settings: Settings) -> None:
     print(f"autopipeline-server listening on {settings.host}:{running.port}", flush=True)
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", settings.grace)
-    await running.stop()
+    if not await running.stop():
+        # The stuck device thread would keep the interpreter from exiting: leave without it.
+        log.error("exiting with a call still stuck on the device thread")
+        logging.shutdown()
+        os._exit(1)
     log.info("stopped")
+
+
+def release_freed_memory() -> None:
+    """Makes glibc return large freed buffers (request bodies, images) to the system.
+
+    glibc raises its mmap threshold after each large free, up to 32 MiB, so request-sized buffers
+    then come from the heap and stay mapped after a flood. A fixed threshold keeps them mmapped
+    and returned on free. Elsewhere (musl, macOS) this does nothing.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        log.debug("not glibc: the allocator keeps its own policy")

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TypeVar
 
 import grpc
+import PIL.Image
 from google.protobuf.message import Message
 
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server import convert
+from autopipeline_server.admission import Admission, bounded
 from autopipeline_server.calls import PipelineRejected
 from autopipeline_server.codecs import encode_image
-from autopipeline_server.domain import Finished, Preview, Progress, Queued, Started
-from autopipeline_server.errors import InvalidRequest, ServingError
-from autopipeline_server.prepare import prepare_call
+from autopipeline_server.domain import Finished, GenerationRequest, Preview, Progress, Queued, Started
+from autopipeline_server.errors import ClientTooSlow, InvalidRequest, ServingError
+from autopipeline_server.prepare import PreparedCall, attach_inputs, prepare_call
 from autopipeline_server.registry import ModelRegistry
 from autopipeline_server.settings import Settings
 from autopipeline_server.status import REQUEST_ID_KEY, abort
@@ -31,6 +36,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoPipelineService"].full_name
 M = TypeVar("M", bound=Message)
 
 Context = grpc.aio.ServicerContext[object, object]
+# How long ending a slow reader's stream may wait to send its status before giving up on it.
+SLOW_ABORT_SECONDS = 1.0
 
 
 def _lenient(message: type[M]) -> Callable[[bytes], M | None]:
@@ -49,23 +56,51 @@ def _lenient(message: type[M]) -> Callable[[bytes], M | None]:
     return parse
 
 
-def service_handler(servicer: AutoPipelineServicer) -> grpc.GenericRpcHandler[object, object]:
-    """The AutoPipelineService handlers, with lenient request parsing (see `_lenient`)."""
+def service_handler(
+    servicer: AutoPipelineServicer, admission: Admission
+) -> grpc.GenericRpcHandler[object, object]:
+    """The AutoPipelineService handlers, with lenient request parsing (see `_lenient`).
+
+    Both methods take one request, but are registered as request-streaming: gRPC then reads no
+    request body until `admission` gives it a slot (see `Admission`). On the wire nothing changes.
+    """
+
+    async def generate(requests: AsyncIterator[pb.GenerateRequest | None], context: Context) -> None:
+        request = await admission.receive(requests)
+        request_id = uuid.uuid4().hex
+        stream = servicer.Generate(request, context, request_id=request_id)
+        async with contextlib.aclosing(stream):  # a stream ended early frees its job at once
+            try:
+                async for message in stream:
+                    await admission.write(context, message, request_id)
+            except ClientTooSlow as err:
+                # The status cannot reach a client that reads nothing; the stream ends either way.
+                await bounded(abort(context, err, request_id), SLOW_ABORT_SECONDS)
+
+    async def inspect(
+        requests: AsyncIterator[pb.InspectRequest | None], context: Context
+    ) -> pb.InspectResponse:
+        return await servicer.Inspect(await admission.receive(requests), context)
+
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
-            "Generate": grpc.unary_stream_rpc_method_handler(
-                servicer.Generate,
+            "Generate": grpc.stream_stream_rpc_method_handler(
+                generate,
                 request_deserializer=_lenient(pb.GenerateRequest),
                 response_serializer=pb.GenerateResponse.SerializeToString,
             ),
-            "Inspect": grpc.unary_unary_rpc_method_handler(
-                servicer.Inspect,
+            "Inspect": grpc.stream_unary_rpc_method_handler(
+                inspect,
                 request_deserializer=_lenient(pb.InspectRequest),
                 response_serializer=pb.InspectResponse.SerializeToString,
             ),
         },
     )
+
+
+def _decode_into(call: PreparedCall, request: GenerationRequest) -> None:
+    attach_inputs(call, *convert.decode_inputs(request))
 
 
 def _malformed(message: str) -> InvalidRequest:
@@ -75,25 +110,29 @@ def _malformed(message: str) -> InvalidRequest:
 class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
     """Implements autopipeline.v1.AutoPipelineService on top of the registry and the worker."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, worker: InferenceWorker) -> None:
+    def __init__(
+        self, settings: Settings, registry: ModelRegistry, worker: InferenceWorker, admission: Admission
+    ) -> None:
         self._settings = settings
         self._registry = registry
         self._worker = worker
+        self._admission = admission
 
     async def Generate(
-        self, request: pb.GenerateRequest | None, context: Context
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        request_id = uuid.uuid4().hex
+        self, request: pb.GenerateRequest | None, context: Context, *, request_id: str = ""
+    ) -> AsyncGenerator[pb.GenerateResponse]:
+        request_id = request_id or uuid.uuid4().hex
         arrived = time.perf_counter()
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         try:
             if request is None:
                 raise _malformed("GenerateRequest")
-            # Decoding input images (and resizing them below) is CPU work proportional to what the
-            # caller sent: off the event loop, so other streams are not held up meanwhile.
+            # Only the inputs' headers are read here; their pixels are decoded once admitted, below.
             domain_request = await asyncio.to_thread(
                 convert.generation_request, request, self._settings.limits
             )
+            request.ClearField("image")  # the opened inputs hold these bytes now
+            request.ClearField("mask_image")
             entry = self._registry.lookup(domain_request.model, domain_request.source)
         except Exception as err:
             await abort(context, err, request_id)
@@ -104,12 +143,18 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         try:
             async with self._registry.lease(entry) as model:
                 call = await asyncio.to_thread(prepare_call, model, domain_request)
-                job = self._worker.submit(call)
-                try:
-                    async for message in self._stream(job, request, request_id, arrived):
+                # Everything that needs no pixels has passed; now a place in the queue and the
+                # input pixels are reserved, and only then are the inputs decoded.
+                with self._admission.hold_pixels(convert.input_pixels(domain_request)):
+                    with self._worker.reserve():
+                        if domain_request.image is not None:
+                            await self._admission.decode(
+                                functools.partial(_decode_into, call, domain_request)
+                            )
+                        job = self._worker.submit(call, reserved=True)
+                    del domain_request
+                    async for message in self._run(job, request, request_id, arrived):
                         yield message
-                finally:
-                    self._worker.cancel(job)
         except asyncio.CancelledError:
             log.info("request %s: the caller went away", request_id)
             raise
@@ -118,6 +163,17 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
             await abort(context, rejected, request_id)
         except Exception as err:
             await abort(context, err, request_id)
+
+    async def _run(
+        self, job: Job, request: pb.GenerateRequest, request_id: str, arrived: float
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """The job's stream; the job is dropped (and its inputs freed) however the stream ends."""
+        try:
+            async for message in self._stream(job, request, request_id, arrived):
+                yield message
+        finally:
+            self._worker.cancel(job)
+            job.call.release_inputs()
 
     async def _stream(
         self, job: Job, request: pb.GenerateRequest, request_id: str, arrived: float
@@ -138,13 +194,25 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                 yield convert.preview_event(event, encoded)
             elif isinstance(event, Finished):
                 encoding_started = time.perf_counter()
-                for index, (image, seed) in enumerate(zip(event.images, event.seeds, strict=True)):
+                # Each decoded image goes as soon as it is encoded, not when the client has read all.
+                images: list[PIL.Image.Image | None] = list(event.images)
+                count = len(images)
+                event = dataclasses.replace(event, images=())
+                for index, seed in enumerate(event.seeds):
+                    image, images[index] = images[index], None
+                    assert image is not None
                     encoded = await asyncio.to_thread(encode_image, image, fmt, quality)
-                    for message in convert.image_events(index, seed, image.size, encoded, chunk_bytes):
+                    size = image.size
+                    del image
+                    for message in convert.image_events(index, seed, size, encoded, chunk_bytes):
                         yield message
+                    del encoded
                 now = time.perf_counter()
                 yield convert.completed_event(
-                    event, encoding_seconds=now - encoding_started, total_seconds=now - arrived
+                    event,
+                    encoding_seconds=now - encoding_started,
+                    total_seconds=now - arrived,
+                    num_images=count,
                 )
                 log.info(
                     "request %s OK: %s %s %s, %d image(s) %dx%d, queued %.3fs, ran %.3fs, total %.3fs",
@@ -152,7 +220,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                     event.model,
                     call.target.task.value,
                     event.pipeline_class,
-                    len(event.images),
+                    count,
                     call.width,
                     call.height,
                     event.queued_seconds,
