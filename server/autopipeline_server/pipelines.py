@@ -6,6 +6,7 @@ import inspect
 import logging
 import time
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,7 +204,7 @@ def _task_pipeline(task: Task, pipe: Any) -> TaskPipeline:
     compatibles = {
         cls.__name__: cls
         for cls in [type(scheduler), *getattr(scheduler, "compatibles", [])]
-        if _importable(cls)
+        if _usable(cls, scheduler.config)
     }
     return TaskPipeline(
         task=task,
@@ -218,9 +219,25 @@ def _task_pipeline(task: Task, pipe: Any) -> TaskPipeline:
     )
 
 
-def _importable(cls: type[Any]) -> bool:
-    """False for diffusers' stand-in of a class whose optional dependency (scipy, torchsde) is missing."""
-    return not isinstance(cls, DummyObject)
+def _usable(cls: type[Any], config: Any) -> bool:
+    """Whether a compatible scheduler can be built here, so Inspect advertises only those that run.
+
+    Not when diffusers stands in a dummy for it (its optional dependency, scipy or torchsde, is
+    missing), nor when building it fails (KDPM2 schedulers with some numpy/torch pairs).
+    """
+    if isinstance(cls, DummyObject):
+        log.info("not offering %s: its optional dependency is not installed", cls.__name__)
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls.from_config(config)
+    except Exception as err:
+        log.warning(
+            "not offering %s: it cannot be built here (%s: %s)", cls.__name__, type(err).__name__, err
+        )
+        return False
+    return True
 
 
 def _alias_text_models(pipe: Any) -> None:
