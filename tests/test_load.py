@@ -364,7 +364,8 @@ def test_every_advertised_scheduler_and_parameter_runs_or_is_invalid(
     assert len(requests) > 40
 
     def outcome(request: pb.GenerateRequest) -> tuple[str, grpc.StatusCode, str]:
-        label = f"{pb.Task.Name(request.task)} {request.scheduler} {json_format.MessageToJson(request.parameters, indent=None)}"
+        parameters = json_format.MessageToJson(request.parameters, indent=None)
+        label = f"{pb.Task.Name(request.task)} {request.scheduler} {parameters}"
         try:
             list(stub.Generate(request, timeout=120))
         except grpc.RpcError as err:
