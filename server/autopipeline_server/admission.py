@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import sys
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -17,7 +19,21 @@ from autopipeline_server.worker import WorkerStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Request = TypeVar("Request")
+# Requests at least this large return their memory to the system when they are done (glibc).
+TRIM_FROM_BYTES = 1024 * 1024
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+        return None
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -50,12 +66,39 @@ class Admission:
         self._stats = stats
         self._retry_hint = retry_hint
 
-    async def receive(self, requests: AsyncIterator[Request]) -> Request | None:
-        """The one request message of a unary-request call, read in a body slot (None if none came)."""
-        async with self._receiving:
-            async for request in requests:
-                return request
-        return None
+    async def receive(self, context: Context) -> tuple[Any, Callable[[], None]]:
+        """The one request message of a unary-request call (None if none came), read in a body slot.
+
+        The slot stays taken until the returned release is called (idempotent): once the request
+        has been converted and its bytes dropped, or when the call ends. Bodies received but not
+        yet converted count as much as bodies being received.
+        `context.read()`, not the request iterator: leaving that iterator after one message kept
+        each message's buffers alive in grpc (measured: +30 MB per 30 MB request).
+        """
+        await self._receiving.acquire()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._receiving.release()
+
+        try:
+            message = await context.read()
+        except BaseException:
+            release()
+            raise
+        return (None if message is grpc.aio.EOF else message), release  # type: ignore[attr-defined]
+
+    def returned(self, size: int) -> None:
+        """Called when a request of `size` bytes is gone: hands large freed buffers back to the system.
+
+        glibc keeps freed heap memory mapped (gRPC receives a body in many small slices); after a
+        flood of large bodies that stayed as retained RSS (measured: 0.9 GB after 180 x 30 MB).
+        """
+        if size >= TRIM_FROM_BYTES and _malloc_trim is not None:
+            _malloc_trim(0)
 
     @contextlib.contextmanager
     def hold_pixels(self, count: int) -> Iterator[None]:

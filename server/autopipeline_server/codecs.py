@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from collections.abc import Iterator
@@ -70,24 +71,40 @@ def open_image(data: bytes, *, field: str, max_pixels: int) -> PIL.Image.Image:
     return image
 
 
+def _orientation(image: PIL.Image.Image) -> int:
+    """The EXIF orientation known from the header (1 = upright), without decoding any pixel.
+
+    Pillow's `getexif()` decodes a whole PNG to look for an eXIf chunk after the pixels; here a
+    PNG's orientation comes only from an eXIf chunk before them.
+    """
+    try:
+        if image.format == "PNG":
+            exif = image.info.get("exif")
+            if not isinstance(exif, bytes):
+                return 1
+            parsed = PIL.Image.Exif()
+            parsed.load(exif)
+            return int(parsed.get(_ORIENTATION_TAG, 1))
+        return int(image.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # a malformed EXIF block: the image is used as stored, as viewers do
+        return 1
+
+
 def oriented_size(image: PIL.Image.Image) -> tuple[int, int]:
     """The size an opened image has once its EXIF orientation is applied (as `load_image` does)."""
     width, height = image.size
-    try:
-        orientation = image.getexif().get(_ORIENTATION_TAG)
-    except Exception:  # a malformed EXIF block: `load_image` ignores it too
-        orientation = None
-    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
+    return (height, width) if _orientation(image) in _TRANSPOSED_ORIENTATIONS else (width, height)
 
 
 def load_image(image: PIL.Image.Image, *, field: str, mode: str = "RGB") -> PIL.Image.Image:
     """Decodes an image from `open_image` into `mode`, upright as its EXIF orientation says."""
+    orientation = _orientation(image)  # before loading, as `oriented_size` saw it
     try:
         image.load()
-        try:
-            upright = PIL.ImageOps.exif_transpose(image)
-        except Exception:  # a malformed EXIF block: keep the image as stored, as viewers do
-            upright = image
+        upright = image
+        if orientation != 1:
+            with contextlib.suppress(Exception):  # a malformed EXIF block: keep the image as stored
+                upright = PIL.ImageOps.exif_transpose(image)
     except (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as err:
         raise InvalidRequest.field(field, f"is truncated or corrupt ({err})", reason="INVALID_IMAGE") from err
     if mode == "RGB" and upright.mode in ("RGBA", "LA", "P", "PA"):

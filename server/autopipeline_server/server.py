@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
-import sys
 from dataclasses import dataclass
 
 import grpc
@@ -28,9 +26,6 @@ from autopipeline_server.worker import STUCK_CALL_SECONDS, InferenceWorker
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
-# glibc's mallopt parameter, and the size from which buffers get their own mapping.
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1024 * 1024
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -100,7 +95,6 @@ async def create_server(settings: Settings) -> RunningServer:
     admission = Admission(settings, worker.stats, worker.retry_hint)
     servicer = AutoPipelineServicer(settings, registry, worker, admission)
 
-    release_freed_memory()
     server = grpc.aio.server(
         interceptors=[BearerTokenInterceptor(settings.tokens)] if settings.tokens else None,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
@@ -108,6 +102,9 @@ async def create_server(settings: Settings) -> RunningServer:
             ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
             ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
             ("grpc.so_reuseport", 0),
+            # No bandwidth-delay probing: it grows every stream's receive window to megabytes, so
+            # bodies waiting for a receive slot would be buffered by the transport after all.
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
     server.add_generic_rpc_handlers((service_handler(servicer, admission),))
@@ -191,19 +188,3 @@ async def serve(settings: Settings) -> None:
         logging.shutdown()
         os._exit(1)
     log.info("stopped")
-
-
-def release_freed_memory() -> None:
-    """Makes glibc return large freed buffers (request bodies, images) to the system.
-
-    glibc raises its mmap threshold after each large free, up to 32 MiB, so request-sized buffers
-    then come from the heap and stay mapped after a flood. A fixed threshold keeps them mmapped
-    and returned on free. Elsewhere (musl, macOS) this does nothing.
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    except (OSError, AttributeError):
-        log.debug("not glibc: the allocator keeps its own policy")

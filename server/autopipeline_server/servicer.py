@@ -66,21 +66,32 @@ def service_handler(
     """
 
     async def generate(requests: AsyncIterator[pb.GenerateRequest | None], context: Context) -> None:
-        request = await admission.receive(requests)
+        request, release = await admission.receive(context)
+        size = request.ByteSize() if request is not None else 0
         request_id = uuid.uuid4().hex
-        stream = servicer.Generate(request, context, request_id=request_id)
-        async with contextlib.aclosing(stream):  # a stream ended early frees its job at once
-            try:
-                async for message in stream:
-                    await admission.write(context, message, request_id)
-            except ClientTooSlow as err:
-                # The status cannot reach a client that reads nothing; the stream ends either way.
-                await bounded(abort(context, err, request_id), SLOW_ABORT_SECONDS)
+        stream = servicer.Generate(request, context, request_id=request_id, converted=release)
+        del request
+        try:
+            async with contextlib.aclosing(stream):  # a stream ended early frees its job at once
+                try:
+                    async for message in stream:
+                        await admission.write(context, message, request_id)
+                except ClientTooSlow as err:
+                    # The status cannot reach a client that reads nothing; the stream ends anyway.
+                    await bounded(abort(context, err, request_id), SLOW_ABORT_SECONDS)
+        finally:
+            del stream
+            release()
+            admission.returned(size)
 
     async def inspect(
         requests: AsyncIterator[pb.InspectRequest | None], context: Context
     ) -> pb.InspectResponse:
-        return await servicer.Inspect(await admission.receive(requests), context)
+        request, release = await admission.receive(context)
+        try:
+            return await servicer.Inspect(request, context)
+        finally:
+            release()
 
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
@@ -119,8 +130,14 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         self._admission = admission
 
     async def Generate(
-        self, request: pb.GenerateRequest | None, context: Context, *, request_id: str = ""
+        self,
+        request: pb.GenerateRequest | None,
+        context: Context,
+        *,
+        request_id: str = "",
+        converted: Callable[[], None] = lambda: None,
     ) -> AsyncGenerator[pb.GenerateResponse]:
+        """Runs one request; `converted` is called once the request's bytes are no longer needed."""
         request_id = request_id or uuid.uuid4().hex
         arrived = time.perf_counter()
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
@@ -133,6 +150,7 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
             )
             request.ClearField("image")  # the opened inputs hold these bytes now
             request.ClearField("mask_image")
+            converted()
             entry = self._registry.lookup(domain_request.model, domain_request.source)
         except Exception as err:
             await abort(context, err, request_id)
