@@ -23,9 +23,20 @@ def build_checkpoint(family: str, out: Path) -> Path:
 @contextlib.contextmanager
 def server_process(*args: str) -> Iterator[str]:
     """Starts `autopipeline-server serve --host 127.0.0.1 --port 0 ARGS`; yields its target once SERVING."""
+    with served_process(*args) as (target, _):
+        yield target
+
+
+@contextlib.contextmanager
+def served_process(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """As `server_process`, with the environment given; yields the target and the process id."""
     command = [sys.executable, "-m", "autopipeline_server.cli", "--log-level", "WARNING", "serve"]
     process = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", "0", *args], stdout=subprocess.PIPE, text=True
+        [*command, "--host", "127.0.0.1", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     try:
         assert process.stdout is not None
@@ -39,7 +50,7 @@ def server_process(*args: str) -> Iterator[str]:
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise RuntimeError("the server did not become SERVING")
                 time.sleep(0.1)
-        yield target
+        yield target, process.pid
     finally:
         process.terminate()
         process.wait(60)

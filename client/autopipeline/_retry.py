@@ -60,7 +60,8 @@ class RetryPolicy:
         if isinstance(error, ResourceExhaustedError) and error.retry_after is not None:
             if error.retry_after > self.max_backoff:
                 return None
-            return max(error.retry_after, backoff)
+            # Never sooner than asked, but spread out: clients refused together retry apart.
+            return max(error.retry_after, backoff) * (1 + random.uniform(0, self.jitter))
         return None
 
 

@@ -360,7 +360,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     model serving eagerly, with the error in the report, rather than failing the model.
     """
     from autopipeline_server.calls import QuietHooks, run_call
-    from autopipeline_server.prepare import prepare_call
+    from autopipeline_server.prepare import prepare_with_inputs
 
     report = AccelerationReport(requested=plan.requested, mode=plan.mode)
     model.acceleration = report
@@ -390,7 +390,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
         for request, batch in requests:
             known = set(dispatcher.ready)
             with dispatcher.warming(request.task):
-                run_call(prepare_call(model, request), QuietHooks())
+                run_call(prepare_with_inputs(model, request), QuietHooks())
             assert request.width is not None
             assert request.height is not None
             report.compiled_shapes.extend(

@@ -24,6 +24,8 @@ FIELD_ARGUMENTS = {
     "mask_image": "mask_image",
     "control_image": "control_image",
 }
+# List-valued arguments that set the denoising schedule: each entry is one step.
+SCHEDULE_ARGUMENTS = ("timesteps", "sigmas")
 # Call arguments the server owns: callbacks, randomness, output control and tensors.
 RESERVED_ARGUMENTS = frozenset(
     {

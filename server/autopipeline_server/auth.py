@@ -41,8 +41,8 @@ def _digest(token: str) -> bytes:
 class BearerTokenInterceptor(_ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` naming one of ``tokens`` on every call but probes.
 
-    A call without it ends with UNAUTHENTICATED (reason ``UNAUTHENTICATED``) before its
-    request is even decoded; the status never repeats what the caller sent.
+    A call without it ends with UNAUTHENTICATED (reason ``UNAUTHENTICATED``), decided from its
+    metadata before its request body is read; the status never repeats what the caller sent.
     """
 
     def __init__(self, tokens: Iterable[str]) -> None:
@@ -98,11 +98,9 @@ def _rejecting(handler: Handler, method: str, message: str) -> Handler:
         await reject(context)
         yield  # pragma: no cover  # makes this an async generator, as streaming handlers are
 
-    # No request deserializer: the request of a caller who is turned away is never parsed.
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary)
+    # Request-streaming whatever the method: gRPC then reads no request body before the handler
+    # asks for one, and this one never does. (A unary-request handler would have gRPC receive the
+    # whole message first: up to max_request_bytes per unauthenticated call.)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming)
-    return grpc.unary_unary_rpc_method_handler(unary)
+        return grpc.stream_stream_rpc_method_handler(streaming)
+    return grpc.stream_unary_rpc_method_handler(unary)

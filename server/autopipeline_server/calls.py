@@ -15,7 +15,7 @@ from autopipeline_server import adapters, controlnet
 from autopipeline_server.domain import GenerationRequest, Task
 from autopipeline_server.errors import OutOfMemory
 from autopipeline_server.pipelines import LoadedModel, TaskPipeline
-from autopipeline_server.prepare import PER_MEMBER_ARGUMENTS, PreparedCall, prepare_call
+from autopipeline_server.prepare import PER_MEMBER_ARGUMENTS, PreparedCall, prepare_with_inputs
 from autopipeline_server.previews import Previewer, latent_hook
 
 log = logging.getLogger(__name__)
@@ -339,5 +339,5 @@ def warm_up(model: LoadedModel) -> None:
         control_image=controlnet.warm_up_image(target, size),
     )
     started = time.perf_counter()
-    run_call(prepare_call(model, request), QuietHooks())
+    run_call(prepare_with_inputs(model, request), QuietHooks())
     log.info("warmed up %s (%s) in %.2fs", model.spec.name, task.value, time.perf_counter() - started)

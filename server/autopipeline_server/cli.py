@@ -92,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="auto, cpu, mps, cuda or cuda:N (default auto)")
     serve.add_argument("--dtype", choices=DTYPES, help="weights dtype (default auto: float16 on GPUs)")
     serve.add_argument("--max-queue", type=int, help="requests that may wait; more get RESOURCE_EXHAUSTED")
+    serve.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        help="RPCs handled at once (default 256); more get RESOURCE_EXHAUSTED",
+    )
+    serve.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        help="seconds a stream may wait for its client to read (default 60; 0 = never)",
+    )
     serve.add_argument("--grace", type=float, help="seconds in-flight work may finish on shutdown")
     serve.add_argument("--no-warmup", dest="warmup", action="store_const", const=False, help="skip warm-up")
     serve.add_argument("--max-batch-size", type=int, help="images per batched call (default 1: no batching)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from collections.abc import Iterator
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 import PIL.Image
+import PIL.ImageOps
 from PIL import UnidentifiedImageError
 
 from autopipeline_server.errors import InvalidRequest
@@ -37,11 +39,16 @@ class EncodedImage:
     mime_type: str
 
 
-def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str | None = "RGB") -> PIL.Image.Image:
-    """Decodes PNG/JPEG/WebP bytes into an image of `mode` (None: the file's own mode, alpha kept).
+# EXIF orientations (5-8) that turn the stored image a quarter, swapping its width and height.
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_ORIENTATION_TAG = 0x0112
 
-    The header is read first and the pixel count checked before any pixel data is decoded, so a
-    small file that claims enormous dimensions costs nothing.
+
+def open_image(data: bytes, *, field: str, max_pixels: int) -> PIL.Image.Image:
+    """Reads only the header of PNG/JPEG/WebP bytes and checks the pixel count; decodes nothing.
+
+    The result's pixels load in `load_image`; until then it costs the bytes it came from, so a
+    request can be checked (and admitted or refused) before any pixel is decoded.
     """
     if not data:
         raise InvalidRequest.field(field, "is required for this task and must hold PNG, JPEG or WebP bytes")
@@ -49,14 +56,6 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str | None =
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
             image = PIL.Image.open(io.BytesIO(data), formats=ACCEPTED_INPUT_FORMATS)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InvalidRequest.field(
-                    field, f"is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-                )
-            image.load()
-    except InvalidRequest:
-        raise
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as err:
         # Pillow's own guard fired on the header, before our pixel check could.
         raise InvalidRequest.field(field, f"declares more pixels than the limit of {max_pixels}") from err
@@ -66,12 +65,70 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str | None =
         ) from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise InvalidRequest.field(field, f"is truncated or corrupt ({err})", reason="INVALID_IMAGE") from err
-    if mode == "RGB" and image.mode in ("RGBA", "LA", "P"):
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidRequest.field(
+            field, f"is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    return image
+
+
+def _orientation(image: PIL.Image.Image) -> int:
+    """The EXIF orientation known from the header (1 = upright), without decoding any pixel.
+
+    Pillow's `getexif()` decodes a whole PNG to look for an eXIf chunk after the pixels; here a
+    PNG's orientation comes only from an eXIf chunk before them.
+    """
+    try:
+        if image.format == "PNG":
+            exif = image.info.get("exif")
+            if not isinstance(exif, bytes):
+                return 1
+            parsed = PIL.Image.Exif()
+            parsed.load(exif)
+            return int(parsed.get(_ORIENTATION_TAG, 1))
+        return int(image.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # a malformed EXIF block: the image is used as stored, as viewers do
+        return 1
+
+
+def oriented_size(image: PIL.Image.Image) -> tuple[int, int]:
+    """The size an opened image has once its EXIF orientation is applied (as `load_image` does)."""
+    width, height = image.size
+    return (height, width) if _orientation(image) in _TRANSPOSED_ORIENTATIONS else (width, height)
+
+
+def load_image(image: PIL.Image.Image, *, field: str, mode: str | None = "RGB") -> PIL.Image.Image:
+    """Decodes an image from `open_image` into `mode`, upright as its EXIF orientation says."""
+    orientation = _orientation(image)  # before loading, as `oriented_size` saw it
+    try:
+        image.load()
+        upright = image
+        if orientation != 1:
+            with contextlib.suppress(Exception):  # a malformed EXIF block: keep the image as stored
+                upright = PIL.ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as err:
+        raise InvalidRequest.field(field, f"is truncated or corrupt ({err})", reason="INVALID_IMAGE") from err
+    if mode == "RGB" and upright.mode in ("RGBA", "LA", "P", "PA"):
         # Composite transparency onto white rather than letting convert() drop alpha to black.
-        rgba = image.convert("RGBA")
+        rgba = upright.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image if mode is None else image.convert(mode)
+        result = PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    elif mode is None:
+        return upright  # the file's own mode, alpha kept (the OpenAI door's masks)
+    else:
+        result = upright.convert(mode)
+    # The opened image keeps its decoded pixels (and its source bytes) otherwise.
+    image.close()
+    return result
+
+
+def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str | None = "RGB") -> PIL.Image.Image:
+    """Opens (checking the pixel count first) and decodes PNG/JPEG/WebP bytes into an image of `mode`.
+
+    `mode` None keeps the file's own mode, alpha included.
+    """
+    return load_image(open_image(data, field=field, max_pixels=max_pixels), field=field, mode=mode)
 
 
 def encode_image(

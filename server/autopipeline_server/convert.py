@@ -8,13 +8,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import diffusers
+import PIL.Image
 import torch
 from google.protobuf import duration_pb2, struct_pb2
 
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline_server import __version__
 from autopipeline_server.acceleration import AccelerationReport
-from autopipeline_server.arguments import ParameterInfo, ValueKind, value_kind
+from autopipeline_server.arguments import SCHEDULE_ARGUMENTS, ParameterInfo, ValueKind, value_kind
 from autopipeline_server.codecs import (
     DEFAULT_QUALITY,
     EncodedImage,
@@ -22,6 +23,9 @@ from autopipeline_server.codecs import (
     chunk_count,
     chunks,
     decode_image,
+    load_image,
+    open_image,
+    oriented_size,
 )
 from autopipeline_server.controlnet import controlnet_source, requires_control_image
 from autopipeline_server.devices import DevicePool
@@ -36,7 +40,7 @@ from autopipeline_server.domain import (
     Started,
     Task,
 )
-from autopipeline_server.errors import InvalidRequest
+from autopipeline_server.errors import InvalidRequest, quote
 from autopipeline_server.pipelines import TaskPipeline
 from autopipeline_server.registry import ModelEntry
 from autopipeline_server.settings import Limits, Settings
@@ -103,14 +107,17 @@ MAX_MODEL_NAME_LENGTH = 128
 MAX_SOURCE_LENGTH = 1024
 # Adapters one request may apply; registered adapters are checked by name once the model is known.
 MAX_ADAPTERS = 16
+MAX_PARAMETER_NAME_LENGTH = 128
 
 
 def generation_request(request: pb.GenerateRequest, limits: Limits) -> GenerationRequest:
     """Validates everything about a wire request that does not depend on the model, all at once.
 
     This is the one owner of these rules: field ranges and limits, which fields apply to the task,
-    the output encoding, the seed range, and the input images (decoded here, mask size included).
-    What depends on the model (size multiples, arguments its pipeline takes) is `prepare.py`'s.
+    the output encoding, the seed range, and the input images' headers (format, pixel count, mask
+    size, and the output size they imply). No pixel is decoded here: the images come back opened
+    but not loaded, for `decode_inputs` once the request is admitted. What depends on the model
+    (size multiples, arguments its pipeline takes) is `prepare.py`'s.
     """
     v = _Violations()
     task = TASKS.get(request.task)
@@ -160,7 +167,18 @@ def generation_request(request: pb.GenerateRequest, limits: Limits) -> Generatio
                 "parameters",
                 f"has {len(request.parameters.fields)} entries; the limit is {limits.max_parameters}",
             )
+        for name in request.parameters.fields:
+            if len(name) > MAX_PARAMETER_NAME_LENGTH:
+                v.add("parameters", f"names {quote(name, 40)}; the limit is {MAX_PARAMETER_NAME_LENGTH}")
         parameters = struct_to_python(request.parameters)
+        for name in SCHEDULE_ARGUMENTS:
+            schedule = parameters.get(name)
+            if isinstance(schedule, list) and len(schedule) > limits.max_num_inference_steps:
+                v.add(
+                    f"parameters.{name}",
+                    f"has {len(schedule)} entries (one per step); the limit is "
+                    f"{limits.max_num_inference_steps}",
+                )
 
     if task is Task.TEXT_TO_IMAGE:
         for name in ("image", "mask_image", "strength"):
@@ -178,30 +196,41 @@ def generation_request(request: pb.GenerateRequest, limits: Limits) -> Generatio
     image = mask = None
     if task in (Task.IMAGE_TO_IMAGE, Task.INPAINTING):
         try:
-            image = decode_image(request.image.data, field="image", max_pixels=limits.max_input_pixels)
+            image = open_image(request.image.data, field="image", max_pixels=limits.max_input_pixels)
         except InvalidRequest as err:
             v.errors.append(err)
     if task is Task.INPAINTING:
         try:
-            mask = decode_image(
-                request.mask_image.data, field="mask_image", max_pixels=limits.max_input_pixels, mode="L"
-            )
+            mask = open_image(request.mask_image.data, field="mask_image", max_pixels=limits.max_input_pixels)
         except InvalidRequest as err:
             v.errors.append(err)
     control_image = None
     if request.HasField("control_image"):
         try:
+            # A control image is decoded here (it is small, and sizes the output of text-to-image).
             control_image = decode_image(
                 request.control_image.data, field="control_image", max_pixels=limits.max_input_pixels
             )
         except InvalidRequest as err:
             v.errors.append(err)
     adapters = _adapter_weights(request, v)
-    if image is not None and mask is not None and mask.size != image.size:
-        v.add(
-            "mask_image",
-            f"must be the size of image ({image.size[0]}x{image.size[1]}), got {mask.size[0]}x{mask.size[1]}",
-        )
+    if image is not None:
+        size = oriented_size(image)
+        # Without an explicit size the output takes the input's: that path honours the limits too.
+        sides = (("width", size[0], limits.max_width), ("height", size[1], limits.max_height))
+        for name, side, maximum in sides:
+            if not request.HasField(name) and side > maximum:  # type: ignore[arg-type]
+                v.add(
+                    "image",
+                    f"is {size[0]}x{size[1]}; without `{name}` the output takes the input's {name}, "
+                    f"whose limit is {maximum}: set `{name}` or send a smaller image",
+                )
+        if mask is not None and oriented_size(mask) != size:
+            masked = oriented_size(mask)
+            v.add(
+                "mask_image",
+                f"must be the size of image ({size[0]}x{size[1]}), got {masked[0]}x{masked[1]}",
+            )
     v.raise_if_any()
     assert task is not None
     return GenerationRequest(
@@ -242,6 +271,21 @@ def _adapter_weights(request: pb.GenerateRequest, v: _Violations) -> tuple[Adapt
         if not math.isfinite(adapter.weight):
             v.add(f"adapters[{index}].weight", f"must be a finite number, got {adapter.weight}")
     return tuple(AdapterWeight(adapter.name, adapter.weight) for adapter in request.adapters)
+
+
+def decode_inputs(request: GenerationRequest) -> tuple[PIL.Image.Image | None, PIL.Image.Image | None]:
+    """The request's input image (RGB) and mask (L), decoded: the pixel work `generation_request` defers."""
+    image = mask = None
+    if request.image is not None:
+        image = load_image(request.image, field="image")
+    if request.mask_image is not None:
+        mask = load_image(request.mask_image, field="mask_image", mode="L")
+    return image, mask
+
+
+def input_pixels(request: GenerationRequest) -> int:
+    """Pixels the request's inputs take once decoded."""
+    return sum(i.size[0] * i.size[1] for i in (request.image, request.mask_image) if i is not None)
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
@@ -290,7 +334,9 @@ def preview_event(event: Preview, encoded: EncodedImage) -> pb.GenerateResponse:
     )
 
 
-def completed_event(event: Finished, *, encoding_seconds: float, total_seconds: float) -> pb.GenerateResponse:
+def completed_event(
+    event: Finished, *, encoding_seconds: float, total_seconds: float, num_images: int | None = None
+) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         completed=pb.Completed(
             timings=pb.Timings(
@@ -302,7 +348,7 @@ def completed_event(event: Finished, *, encoding_seconds: float, total_seconds: 
             parameters=struct(event.parameters),
             model=event.model,
             pipeline_class=event.pipeline_class,
-            num_images=len(event.images),
+            num_images=len(event.images) if num_images is None else num_images,
         )
     )
 
@@ -493,5 +539,9 @@ def server_info(settings: Settings, devices: DevicePool) -> pb.ServerInfo:
             max_queue=settings.max_queue,
             max_request_bytes=limits.max_request_bytes,
             image_chunk_bytes=limits.image_chunk_bytes,
+            max_inflight_request_bytes=limits.max_inflight_request_bytes,
+            max_inflight_pixels=limits.max_inflight_pixels,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+            stream_idle_timeout=duration(settings.stream_idle_timeout),
         ),
     )

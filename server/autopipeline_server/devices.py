@@ -116,11 +116,17 @@ class DevicePool:
         for replica in self.replicas:
             await replica.registry.load_all(warm=warm)
 
-    async def drain(self, grace: float) -> None:
-        """Every device stops accepting at once and drains within the same grace period."""
-        await asyncio.gather(*(replica.worker.drain(grace) for replica in self.replicas))
+    async def drain(self, grace: float, *, stuck_after: float) -> bool:
+        """Every device stops accepting at once and drains within the same grace period.
 
-    async def close(self) -> None:
+        False when a call stuck inside a step kept some device's thread (see `InferenceWorker.drain`).
+        """
+        results = await asyncio.gather(
+            *(replica.worker.drain(grace, stuck_after=stuck_after) for replica in self.replicas)
+        )
+        return all(results)
+
+    async def close(self, *, wait: bool = True) -> None:
         for replica in self.replicas:
-            await replica.worker.close()
+            await replica.worker.close(wait=wait)
             replica.registry.close()

@@ -5,6 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+# What an error message or a log line quotes of any caller-supplied string, at most.
+QUOTE_LIMIT = 200
+
+
+def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(text)`, cut to about `limit` characters with the full length said, for messages and logs."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -106,6 +116,18 @@ class QueueFull(ServingError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class InputsBusy(QueueFull):
+    """Admitted requests already hold the input pixels the server allows (RESOURCE_EXHAUSTED)."""
+
+    reason = "INPUTS_BUSY"
+
+
+class ClientTooSlow(ServingError):
+    """The client did not read its stream for `stream_idle_timeout` seconds (RESOURCE_EXHAUSTED)."""
+
+    reason = "CLIENT_TOO_SLOW"
 
 
 class OutOfMemory(ServingError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import re
 import time
@@ -139,7 +140,28 @@ class AccessInterceptor(_ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler  # our service has no client-streaming RPCs
+        # Our RPCs take one request, but are registered as request-streaming so that admission
+        # decides when a body is read (see `admission.Admission`).
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(cast("UnaryBehavior", handler.stream_unary), rpc, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            behavior = cast("Any", handler.stream_stream)
+            # A handler that writes its responses (context.write) is a coroutine, not a generator.
+            wrapped = (
+                self._streaming(behavior, rpc, request_id)
+                if inspect.isasyncgenfunction(behavior)
+                else self._unary(behavior, rpc, request_id)
+            )
+            return grpc.stream_stream_rpc_method_handler(
+                wrapped,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
     def _unary(self, behavior: UnaryBehavior, rpc: str, request_id: str) -> UnaryBehavior:
         async def observed(request: Any, context: Context) -> Any:

@@ -7,6 +7,7 @@ import inspect
 import logging
 import time
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from diffusers import (
     DiffusionPipeline,
 )
 from diffusers.pipelines import auto_pipeline
+from diffusers.utils.import_utils import DummyObject
 
 from autopipeline_server import previews
 from autopipeline_server.arguments import ParameterInfo, call_parameters
@@ -370,7 +372,11 @@ def _task_pipeline(task: Task, pipe: Any) -> TaskPipeline:
     default = default_size_of(sized, named, multiple)
     fixed = _returns_native_size(sized, named)
     scheduler = pipe.scheduler
-    compatibles = {cls.__name__: cls for cls in [type(scheduler), *getattr(scheduler, "compatibles", [])]}
+    compatibles = {
+        cls.__name__: cls
+        for cls in [type(scheduler), *getattr(scheduler, "compatibles", [])]
+        if _usable(cls, scheduler.config)
+    }
     return TaskPipeline(
         task=task,
         pipe=pipe,
@@ -385,6 +391,45 @@ def _task_pipeline(task: Task, pipe: Any) -> TaskPipeline:
         fixed_size=fixed,
         stages=stages,
     )
+
+
+def _usable(cls: type[Any], config: Any) -> bool:
+    """Whether a compatible scheduler can be built here, so Inspect advertises only those that run.
+
+    Not when diffusers stands in a dummy for it (its optional dependency, scipy or torchsde, is
+    missing), nor when building it fails (KDPM2 schedulers with some numpy/torch pairs).
+    """
+    if isinstance(cls, DummyObject):
+        log.info("not offering %s: its optional dependency is not installed", cls.__name__)
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls.from_config(config)
+    except Exception as err:
+        log.warning(
+            "not offering %s: it cannot be built here (%s: %s)", cls.__name__, type(err).__name__, err
+        )
+        return False
+    return True
+
+
+def _alias_text_models(pipe: Any) -> None:
+    """Lets diffusers reach CLIP text encoders as `text_encoder.text_model`, as before transformers 5.
+
+    transformers 5 flattened `CLIPTextModel` (its layers are the model's own), but diffusers 0.42
+    still reads `text_encoder.text_model.final_layer_norm` for `clip_skip` and
+    `text_model.encoder.layers` for a LoRA `scale`. The alias is a plain attribute, not a
+    submodule, so weights, `state_dict` and `.to()` are unaffected.
+    """
+    for component in pipe.components.values():
+        if (
+            isinstance(component, torch.nn.Module)
+            and not hasattr(component, "text_model")
+            and hasattr(component, "final_layer_norm")
+            and hasattr(component, "encoder")
+        ):
+            object.__setattr__(component, "text_model", component)
 
 
 def read_checkpoint_class(source: str) -> str:
@@ -434,6 +479,7 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype, allow_pickle: bool) -> Lo
         family = family_of(type(base).__name__) or family
     base.set_progress_bar_config(disable=True)
     options = apply_memory_options(base, spec)
+    _alias_text_models(base)
     pipes: dict[Task, Any] = {}
     for task in runnable_tasks(base, classes):
         pipe = base if saved_for == task else AUTO_PIPELINES[task].from_pipe(base)

@@ -7,7 +7,10 @@ problems in one error. Nothing here runs the pipeline: that is `calls.py`, on th
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import json
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +18,16 @@ from typing import Any
 import PIL.Image
 
 from autopipeline_server import adapters, controlnet
-from autopipeline_server.arguments import FIELD_ARGUMENTS, RESERVED_ARGUMENTS, coerce, jsonable
+from autopipeline_server.arguments import (
+    FIELD_ARGUMENTS,
+    RESERVED_ARGUMENTS,
+    SCHEDULE_ARGUMENTS,
+    coerce,
+    jsonable,
+)
+from autopipeline_server.codecs import oriented_size
 from autopipeline_server.domain import AdapterWeight, GenerationRequest
-from autopipeline_server.errors import InvalidRequest
+from autopipeline_server.errors import InvalidRequest, quote
 from autopipeline_server.pipelines import LoadedModel, TaskPipeline
 
 # Arguments that differ between the members of a batched call; each member's go into lists.
@@ -73,6 +83,11 @@ class PreparedCall:
             ]
         )
 
+    def release_inputs(self) -> None:
+        """Drops the decoded input images once the call has ended, whoever still holds the call."""
+        self.kwargs.pop("image", None)
+        self.kwargs.pop("mask_image", None)
+
     def resolved_parameters(self) -> dict[str, Any]:
         """The call arguments JSON can express, for the `completed` event (seeds have typed fields)."""
         resolved: dict[str, Any] = {}
@@ -114,7 +129,10 @@ def _output_size(target: TaskPipeline, request: GenerationRequest, problems: _Pr
     if target.fixed_size:
         base_width, base_height = target.default_size
     elif sized_by is not None:
-        base_width, base_height = (max(minimum, _round_down(side, multiple)) for side in sized_by.size)
+        # Only the input's header is read here: its pixels are decoded once the request is admitted.
+        base_width, base_height = (
+            max(minimum, _round_down(side, multiple)) for side in oriented_size(sized_by)
+        )
     else:
         base_width, base_height = target.default_size
     width = request.width if request.width is not None else base_width
@@ -147,10 +165,59 @@ def _check_stage_arguments(target: TaskPipeline, kwargs: dict[str, Any], problem
         )
 
 
+def _check_schedule(
+    problems: _Problems, target: TaskPipeline, name: str, scheduler: str, values: Any
+) -> None:
+    """`timesteps`/`sigmas` as the scheduler can use them: supported, non-empty, strictly decreasing.
+
+    diffusers does not check these: an empty list or repeated timesteps fail deep inside a step.
+    """
+    field_name = f"parameters.{name}"
+    cls = target.schedulers.get(scheduler)
+    if cls is not None and name not in inspect.signature(cls.set_timesteps).parameters:
+        problems.add(field_name, f"{scheduler} does not take a custom schedule; choose another scheduler")
+        return
+    if not isinstance(values, (list, tuple)) or not values:
+        problems.add(field_name, "must be a non-empty list, one entry per step")
+        return
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        problems.add(field_name, "must hold finite numbers")
+        return
+    if any(later >= earlier for earlier, later in itertools.pairwise(values)):
+        problems.add(field_name, "must be strictly decreasing (noisiest first)")
+    train_steps = int(target.pipe.scheduler.config.get("num_train_timesteps", 1000))
+    if name == "timesteps" and not all(0 <= v < train_steps for v in values):
+        problems.add(field_name, f"must lie in [0, {train_steps}), the model's training timesteps")
+    if name == "sigmas" and min(values) < 0:
+        problems.add(field_name, "must not be negative")
+
+
+def attach_inputs(call: PreparedCall, image: PIL.Image.Image | None, mask: PIL.Image.Image | None) -> None:
+    """Adds the decoded input image and mask to a prepared call, resized to its output size."""
+    size = (call.width, call.height)
+    if image is not None:
+        if image.size != size:
+            image = image.resize(size, PIL.Image.Resampling.LANCZOS)
+        call.kwargs["image"] = image
+    if mask is not None:
+        if mask.size != size:
+            mask = mask.resize(size, PIL.Image.Resampling.NEAREST)
+        call.kwargs["mask_image"] = mask
+
+
+def prepare_with_inputs(model: LoadedModel, request: GenerationRequest) -> PreparedCall:
+    """`prepare_call` and `attach_inputs` at once, for callers whose inputs are decoded already
+    (warm-up, compilation); requests from the wire attach theirs once admitted."""
+    call = prepare_call(model, request)
+    attach_inputs(call, request.image, request.mask_image)
+    return call
+
+
 def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall:
     """Checks a request against the model's pipeline for its task and builds the call arguments.
 
     `request` has passed `convert.generation_request`, so only what depends on the model is checked.
+    No pixel is touched: the inputs join the call with `attach_inputs` once they are decoded.
     """
     target = model.task(request.task)
     problems = _Problems(target)
@@ -192,17 +259,6 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
     elif request.image is None and request.control_image is None and (width, height) != target.default_size:
         problems.add("width", f"{target.pipeline_class} cannot set the output size")
 
-    if request.image is not None:
-        image = request.image
-        if image.size != (width, height):
-            image = image.resize((width, height), PIL.Image.Resampling.LANCZOS)
-        kwargs["image"] = image
-    if request.mask_image is not None:
-        mask = request.mask_image
-        if mask.size != (width, height):
-            mask = mask.resize((width, height), PIL.Image.Resampling.NEAREST)
-        kwargs["mask_image"] = mask
-
     control, control_problems = controlnet.control_kwargs(target, request.control_image, (width, height))
     kwargs.update(control)
     problems.errors.extend(control_problems)
@@ -212,7 +268,7 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
     scheduler = request.scheduler or target.default_scheduler
     if scheduler not in target.schedulers:
         problems.add(
-            "scheduler", f"{scheduler!r} is not compatible; choose one of {', '.join(target.schedulers)}"
+            "scheduler", f"{quote(scheduler)} is not compatible; choose one of {', '.join(target.schedulers)}"
         )
 
     for name, value in request.parameters.items():
@@ -231,7 +287,20 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
             try:
                 kwargs[name] = coerce(value, info.annotation)
             except TypeError as err:
-                problems.add(field_name, f"must match {info.describe()} ({err}), got {value!r}")
+                problems.add(field_name, f"must match {info.describe()} ({err}), got {quote(repr(value))}")
+            else:
+                if name in SCHEDULE_ARGUMENTS:
+                    _check_schedule(problems, target, name, scheduler, kwargs[name])
+
+    schedule = [kwargs[name] for name in SCHEDULE_ARGUMENTS if kwargs.get(name) is not None]
+    if len(schedule) > 1:
+        problems.add("parameters.sigmas", "set `timesteps` or `sigmas`, not both")
+    elif schedule:
+        steps = len(schedule[0])  # a custom schedule sets the step count
+        kwargs["num_inference_steps"] = steps
+        strength = kwargs.get("strength")
+        if strength is not None and int(steps * strength) < 1:
+            problems.add("strength", f"leaves no step of the {steps} the schedule has")
 
     _check_stage_arguments(target, kwargs, problems)
 

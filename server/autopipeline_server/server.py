@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from autopipeline_server.acceleration import configure_cache
+from autopipeline_server.admission import Admission
 from autopipeline_server.auth import BearerTokenInterceptor
 from autopipeline_server.devices import DevicePool
 from autopipeline_server.domain import ModelState
@@ -24,7 +26,7 @@ from autopipeline_server.openai_http import OpenAIDoor
 from autopipeline_server.registry import ModelEntry, ModelRegistry
 from autopipeline_server.servicer import SERVICE_NAME, AutoPipelineServicer, service_handler
 from autopipeline_server.settings import Settings, describe, read_tls_files
-from autopipeline_server.worker import InferenceWorker
+from autopipeline_server.worker import STUCK_CALL_SECONDS, InferenceWorker
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -48,6 +50,7 @@ class RunningServer:
     devices: DevicePool
     health: health_aio.HealthServicer
     loading: asyncio.Task[None]
+    admission: Admission
     # The OpenAI-compatible HTTP door, when `settings.http_port` turns it on.
     http: OpenAIDoor | None = None
 
@@ -79,24 +82,30 @@ class RunningServer:
         """Returns when every configured model has finished loading (ready or failed)."""
         await asyncio.shield(self.loading)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drains: health turns NOT_SERVING, new requests get UNAVAILABLE, in-flight work gets `grace`."""
+    async def stop(self, grace: float | None = None, *, stuck_after: float = STUCK_CALL_SECONDS) -> bool:
+        """Drains: health turns NOT_SERVING, new requests get UNAVAILABLE, in-flight work gets `grace`.
+
+        Returns within about grace + `stuck_after` + 1 seconds whatever is running; False when a
+        call stuck inside a step kept the device thread (the process should then exit: see `serve`).
+        """
         grace = self.settings.grace if grace is None else grace
         if self.http is not None:
             self.http.start_draining()
         await self.health.enter_graceful_shutdown()
-        await self.devices.drain(grace)
+        clean = await self.devices.drain(grace, stuck_after=stuck_after)
         if self.http is not None:
             await self.http.close()  # before the gRPC server, which its in-flight requests still use
         await self.server.stop(grace=1.0)
         self.loading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.loading
-        await self.devices.close()
+        await self.devices.close(wait=clean)
+        self.admission.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         if self.tracing is not None:
             self.tracing.shutdown()
+        return clean
 
 
 async def create_server(
@@ -130,7 +139,10 @@ async def create_server(
         task.add_done_callback(pending_updates.discard)
 
     devices = DevicePool.create(settings, on_state_change, metrics=metrics)
-    servicer = AutoPipelineServicer(settings, devices)
+    # Admission (request bytes, pixels, decodes) is the server's; its refusals count on the first device.
+    primary = devices.primary.worker
+    admission = Admission(settings, primary.stats, primary.retry_hint)
+    servicer = AutoPipelineServicer(settings, devices, admission)
     # Outermost first: the tracing span, then the access layer (request id, log line, metrics), so
     # both see calls that authentication turns away.
     interceptors: list[Any] = [] if tracing is None else [tracing.interceptor]
@@ -140,13 +152,17 @@ async def create_server(
 
     server = grpc.aio.server(
         interceptors=interceptors,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
             ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
             ("grpc.so_reuseport", 0),
+            # No bandwidth-delay probing: it grows every stream's receive window to megabytes, so
+            # bodies waiting for a receive slot would be buffered by the transport after all.
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
-    server.add_generic_rpc_handlers((service_handler(servicer),))
+    server.add_generic_rpc_handlers((service_handler(servicer, admission),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -199,7 +215,7 @@ async def create_server(
 
     loading = asyncio.get_running_loop().create_task(load(), name="load-models")
     return RunningServer(
-        server, port, settings, devices, health_servicer, loading, http, metrics, endpoint, tracing
+        server, port, settings, devices, health_servicer, loading, admission, http, metrics, endpoint, tracing
     )
 
 
@@ -259,5 +275,9 @@ async def serve(settings: Settings) -> None:
         )
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", settings.grace)
-    await running.stop()
+    if not await running.stop():
+        # The stuck device thread would keep the interpreter from exiting: leave without it.
+        log.error("exiting with a call still stuck on the device thread")
+        logging.shutdown()
+        os._exit(1)
     log.info("stopped")

@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TypeVar
 
 import grpc
+import PIL.Image
 from google.protobuf.message import Message
 
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server import convert
+from autopipeline_server.admission import Admission, bounded
 from autopipeline_server.calls import PipelineRejected
 from autopipeline_server.codecs import encode_image
 from autopipeline_server.devices import DevicePool
-from autopipeline_server.domain import Finished, Preview, Progress, Queued, Started
-from autopipeline_server.errors import InvalidRequest, ServingError
-from autopipeline_server.observe import current_request
-from autopipeline_server.prepare import prepare_call
+from autopipeline_server.domain import Finished, GenerationRequest, Preview, Progress, Queued, Started
+from autopipeline_server.errors import ClientTooSlow, InvalidRequest, ServingError
+from autopipeline_server.observe import RequestRecord, current_request
+from autopipeline_server.prepare import PreparedCall, attach_inputs, prepare_call
 from autopipeline_server.settings import Settings
 from autopipeline_server.status import REQUEST_ID_KEY, abort
-from autopipeline_server.worker import Arrival, Job
+from autopipeline_server.worker import Arrival, InferenceWorker, Job
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoPipelineService"].full_name
 M = TypeVar("M", bound=Message)
 
 Context = grpc.aio.ServicerContext[object, object]
+# How long ending a slow reader's stream may wait to send its status before giving up on it.
+SLOW_ABORT_SECONDS = 1.0
 
 
 def _lenient(message: type[M]) -> Callable[[bytes], M | None]:
@@ -49,18 +56,53 @@ def _lenient(message: type[M]) -> Callable[[bytes], M | None]:
     return parse
 
 
-def service_handler(servicer: AutoPipelineServicer) -> grpc.GenericRpcHandler[object, object]:
-    """The AutoPipelineService handlers, with lenient request parsing (see `_lenient`)."""
+def service_handler(
+    servicer: AutoPipelineServicer, admission: Admission
+) -> grpc.GenericRpcHandler[object, object]:
+    """The AutoPipelineService handlers, with lenient request parsing (see `_lenient`).
+
+    Both methods take one request, but are registered as request-streaming: gRPC then reads no
+    request body until `admission` gives it a slot (see `Admission`). On the wire nothing changes.
+    """
+
+    async def generate(requests: AsyncIterator[pb.GenerateRequest | None], context: Context) -> None:
+        request, release = await admission.receive(context)
+        size = request.ByteSize() if request is not None else 0
+        request_id = current_request().request_id
+        stream = servicer.Generate(request, context, converted=release)
+        del request
+        try:
+            async with contextlib.aclosing(stream):  # a stream ended early frees its job at once
+                try:
+                    async for message in stream:
+                        await admission.write(context, message, request_id)
+                except ClientTooSlow as err:
+                    # The status cannot reach a client that reads nothing; the stream ends anyway.
+                    await bounded(abort(context, err, request_id), SLOW_ABORT_SECONDS)
+        finally:
+            del stream
+            release()
+            admission.returned(size)
+
+    async def inspect(
+        requests: AsyncIterator[pb.InspectRequest | None], context: Context
+    ) -> pb.InspectResponse:
+        request, release = await admission.receive(context)
+        try:
+            return await servicer.Inspect(request, context)
+        finally:
+            release()
+
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
-            "Generate": grpc.unary_stream_rpc_method_handler(
-                servicer.Generate,
+            "Generate": grpc.stream_stream_rpc_method_handler(
+                generate,
                 request_deserializer=_lenient(pb.GenerateRequest),
                 response_serializer=pb.GenerateResponse.SerializeToString,
             ),
-            "Inspect": grpc.unary_unary_rpc_method_handler(
-                servicer.Inspect,
+            "Inspect": grpc.stream_unary_rpc_method_handler(
+                inspect,
                 request_deserializer=_lenient(pb.InspectRequest),
                 response_serializer=pb.InspectResponse.SerializeToString,
             ),
@@ -68,27 +110,36 @@ def service_handler(servicer: AutoPipelineServicer) -> grpc.GenericRpcHandler[ob
     )
 
 
+def _decode_into(call: PreparedCall, request: GenerationRequest) -> None:
+    attach_inputs(call, *convert.decode_inputs(request))
+
+
 def _malformed(message: str) -> InvalidRequest:
     return InvalidRequest.field("request", f"is not a valid autopipeline.v1.{message} message")
 
 
 class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
-    """Implements autopipeline.v1.AutoPipelineService on top of the registry and the worker."""
+    """Implements autopipeline.v1.AutoPipelineService on top of the devices' registries and workers."""
 
-    def __init__(self, settings: Settings, devices: DevicePool) -> None:
+    def __init__(self, settings: Settings, devices: DevicePool, admission: Admission) -> None:
         self._settings = settings
         self._devices = devices
+        self._admission = admission
 
     async def Generate(
-        self, request: pb.GenerateRequest | None, context: Context
-    ) -> AsyncIterator[pb.GenerateResponse]:
+        self,
+        request: pb.GenerateRequest | None,
+        context: Context,
+        *,
+        converted: Callable[[], None] = lambda: None,
+    ) -> AsyncGenerator[pb.GenerateResponse]:
+        """Runs one request; `converted` is called once the request's bytes are no longer needed."""
         record = current_request()  # observability: the access layer's record of this RPC
-        request_id, arrived = record.request_id, record.arrived
         # Batching hook: a forming batch waits for this request until it is submitted (or fails);
         # until the request has a device, it may join any device's batch.
         arrivals = [replica.worker.arriving() for replica in self._devices.replicas]
         try:
-            async for message in self._generate(request, context, request_id, arrived, arrivals):
+            async for message in self._generate(request, context, record, arrivals, converted):
                 yield message
         finally:
             for arrival in arrivals:
@@ -98,20 +149,22 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         self,
         request: pb.GenerateRequest | None,
         context: Context,
-        request_id: str,
-        arrived: float,
+        record: RequestRecord,
         arrivals: list[Arrival],
+        converted: Callable[[], None],
     ) -> AsyncIterator[pb.GenerateResponse]:
-        record = current_request()
+        request_id = record.request_id
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         try:
             if request is None:
                 raise _malformed("GenerateRequest")
-            # Decoding input images (and resizing them below) is CPU work proportional to what the
-            # caller sent: off the event loop, so other streams are not held up meanwhile.
+            # Only the inputs' headers are read here; their pixels are decoded once admitted, below.
             domain_request = await asyncio.to_thread(
                 convert.generation_request, request, self._settings.limits
             )
+            request.ClearField("image")  # the opened inputs hold these bytes now
+            request.ClearField("mask_image")
+            converted()
             replica, entry = self._devices.choose(domain_request.model, domain_request.source)
             record.model, record.task = entry.spec.name, domain_request.task.value
         except Exception as err:
@@ -123,14 +176,20 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         try:
             async with replica.registry.lease(entry) as model:
                 call = await asyncio.to_thread(prepare_call, model, domain_request)
-                job = record.job = replica.worker.submit(call)
-                for arrival in arrivals:
-                    arrival.close()
-                try:
-                    async for message in self._stream(job, request, request_id, arrived):
+                # Everything that needs no pixels has passed; now a place in the queue and the
+                # input pixels are reserved, and only then are the inputs decoded.
+                with self._admission.hold_pixels(convert.input_pixels(domain_request)):
+                    with replica.worker.reserve():
+                        if domain_request.image is not None:
+                            await self._admission.decode(
+                                functools.partial(_decode_into, call, domain_request)
+                            )
+                        job = record.job = replica.worker.submit(call, reserved=True)
+                    for arrival in arrivals:
+                        arrival.close()
+                    del domain_request
+                    async for message in self._run(replica.worker, job, request, record):
                         yield message
-                finally:
-                    replica.worker.cancel(job)
         except asyncio.CancelledError:
             log.info("request %s: the caller went away", request_id)
             raise
@@ -140,12 +199,24 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
         except Exception as err:
             await abort(context, err, request_id)
 
+    async def _run(
+        self, worker: InferenceWorker, job: Job, request: pb.GenerateRequest, record: RequestRecord
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """The job's stream; the job is dropped (and its inputs freed) however the stream ends."""
+        try:
+            async for message in self._stream(job, request, record):
+                yield message
+        finally:
+            worker.cancel(job)
+            job.call.release_inputs()
+
     async def _stream(
-        self, job: Job, request: pb.GenerateRequest, request_id: str, arrived: float
+        self, job: Job, request: pb.GenerateRequest, record: RequestRecord
     ) -> AsyncIterator[pb.GenerateResponse]:
         """The job's events as wire messages; images are encoded here, off the device thread."""
         fmt, quality = convert.output_format(request)
         chunk_bytes = self._settings.limits.image_chunk_bytes
+        level = self._settings.png_compress_level
         async for event in job.events():
             if isinstance(event, Queued):
                 yield convert.queued_event(event)
@@ -154,22 +225,30 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
             elif isinstance(event, Progress):
                 yield convert.progress_event(event)
             elif isinstance(event, Preview):
-                encoded = await asyncio.to_thread(
-                    encode_image, event.image, fmt, quality, self._settings.png_compress_level
-                )
+                encoded = await asyncio.to_thread(encode_image, event.image, fmt, quality, level)
                 yield convert.preview_event(event, encoded)
             elif isinstance(event, Finished):
                 encoding_started = time.perf_counter()
-                for index, (image, seed) in enumerate(zip(event.images, event.seeds, strict=True)):
-                    encoded = await asyncio.to_thread(
-                        encode_image, image, fmt, quality, self._settings.png_compress_level
-                    )
-                    for message in convert.image_events(index, seed, image.size, encoded, chunk_bytes):
+                # Each decoded image goes as soon as it is encoded, not when the client has read all.
+                images: list[PIL.Image.Image | None] = list(event.images)
+                count = len(images)
+                event = dataclasses.replace(event, images=())
+                for index, seed in enumerate(event.seeds):
+                    image, images[index] = images[index], None
+                    assert image is not None
+                    encoded = await asyncio.to_thread(encode_image, image, fmt, quality, level)
+                    size = image.size
+                    del image
+                    for message in convert.image_events(index, seed, size, encoded, chunk_bytes):
                         yield message
+                    del encoded
                 now = time.perf_counter()
-                current_request().encoding = (encoding_started, now)  # the access line logs the request
+                record.encoding = (encoding_started, now)  # the access line logs the request
                 yield convert.completed_event(
-                    event, encoding_seconds=now - encoding_started, total_seconds=now - arrived
+                    event,
+                    encoding_seconds=now - encoding_started,
+                    total_seconds=now - record.arrived,
+                    num_images=count,
                 )
 
     async def Inspect(self, request: pb.InspectRequest | None, context: Context) -> pb.InspectResponse:

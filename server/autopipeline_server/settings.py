@@ -161,12 +161,26 @@ class Limits:
     max_request_bytes: int = 32 * MiB
     # Image bytes per response message: keeps every message under 4 MiB, any client's default.
     image_chunk_bytes: int = 3 * MiB
+    # Request bodies being received at once: bodies are read only in slots of max_request_bytes
+    # each, so a flood of large (or unauthenticated) requests cannot hold more than this.
+    max_inflight_request_bytes: int = 256 * MiB
+    # Decoded input pixels (images and masks) that admitted requests may hold at once; beyond it a
+    # request gets RESOURCE_EXHAUSTED before its images are decoded.
+    max_inflight_pixels: int = 4 * 4096 * 4096
+    # Input images decoded at once, on their own threads, so decoding cannot starve other work.
+    max_concurrent_decodes: int = 1
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"limits.{f.name} must be a positive integer, got {value!r}")
+        if self.max_inflight_request_bytes < self.max_request_bytes:
+            raise ConfigError("limits.max_inflight_request_bytes must be at least max_request_bytes")
+        if self.max_inflight_pixels < 2 * self.max_input_pixels:
+            raise ConfigError(
+                "limits.max_inflight_pixels must hold an image and its mask (2 x max_input_pixels)"
+            )
         if self.image_chunk_bytes > 4 * MiB - 64 * 1024:
             raise ConfigError("limits.image_chunk_bytes must leave room under the 4 MiB message limit")
 
@@ -181,6 +195,10 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     max_queue: int = 64
+    # RPCs of any kind handled at once (gRPC's maximum_concurrent_rpcs); more get RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 256
+    # Seconds a stream may wait for its client to read before it ends with CLIENT_TOO_SLOW; 0 = never.
+    stream_idle_timeout: float = 60.0
     warmup: bool = True
     grace: float = 30.0
     allow_pickle: bool = False
@@ -265,6 +283,10 @@ class Settings:
             )
         if self.max_queue < 1:
             raise ConfigError("max_queue must be at least 1")
+        if self.max_concurrent_rpcs < 1:
+            raise ConfigError("max_concurrent_rpcs must be at least 1")
+        if self.stream_idle_timeout < 0:
+            raise ConfigError("stream_idle_timeout must not be negative (0 turns it off)")
         if self.grace < 0:
             raise ConfigError("grace must not be negative")
         if self.max_batch_size < 1:

@@ -11,6 +11,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from autopipeline_server.errors import (
+    QUOTE_LIMIT,
+    ClientTooSlow,
     InvalidRequest,
     ModelFailed,
     ModelLoading,
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "autopipeline.v1"
 REQUEST_ID_KEY = "x-request-id"
+# A status message stays far below any client's metadata limit (8 KiB by default), however many
+# problems a request had.
+MAX_MESSAGE = 4000
 
 _CODES: list[tuple[type[ServingError], grpc.StatusCode]] = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -40,6 +45,7 @@ _CODES: list[tuple[type[ServingError], grpc.StatusCode]] = [
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (OutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ClientTooSlow, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (RequestCancelled, grpc.StatusCode.CANCELLED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 ]
@@ -85,9 +91,19 @@ def to_status(error: BaseException, request_id: str) -> grpc.Status:
         details.append(_pack(bad_request))
     if isinstance(error, (QueueFull, OutOfMemory)):
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_retry_delay(error.retry_after))))
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    message = error.message if len(error.message) <= MAX_MESSAGE else error.message[:MAX_MESSAGE] + " ..."
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
     assert status.code != code_pb2.OK
     return rpc_status.to_status(status)
+
+
+def _drop_tracebacks(error: BaseException) -> None:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
 
 
 async def abort(
@@ -96,7 +112,12 @@ async def abort(
     """Ends the RPC with the error's status; request id in the trailing metadata."""
     status = to_status(error, request_id)
     # The access line (observe.py) reports the outcome at INFO; this one says where it came from.
-    log.debug("request %s %s: %s", request_id, status.code.name, status.details)
+    # Details may quote what the caller sent; each quote is bounded, and so is the whole line.
+    log.debug("request %s %s: %.*s", request_id, status.code.name, 5 * QUOTE_LIMIT, status.details)
     metadata = (*tuple(status.trailing_metadata or ()), (REQUEST_ID_KEY, request_id))
+    # gRPC keeps the AbortError (whose context is `error`) with the call state; the tracebacks
+    # would keep every frame they pass alive with it, request bytes included (measured: GBs after
+    # a flood of large invalid requests). The status is built and the log written: drop them.
+    _drop_tracebacks(error)
     await context.abort(status.code, status.details, metadata)
     raise AssertionError("context.abort returned")  # pragma: no cover

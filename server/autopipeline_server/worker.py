@@ -9,7 +9,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Seconds a cancelled call may take to reach its next step before draining gives up on it.
+STUCK_CALL_SECONDS = 5.0
+MIN_RETRY_HINT = 0.1
+MAX_RETRY_HINT = 30.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class WorkerStats:
     pipeline_calls: int = 0
     batched_calls: int = 0
     largest_batch_images: int = 0
+    rejected_inputs_busy: int = 0
+    ended_client_too_slow: int = 0
 
 
 class Job:
@@ -183,8 +190,10 @@ class InferenceWorker:
         self._task: asyncio.Task[None] | None = None
         # Requests between arriving at the server and `submit` (see `arriving`); only the loop writes it.
         self._arriving = 0
-        # A moving average of pipeline-call durations, for dispatch between devices.
-        self.mean_call_seconds = 1.0
+        # Places held by requests admitted but still decoding their inputs (see `reserve`).
+        self._reserved = 0
+        # Seconds a pipeline call has taken lately (a moving average), for retry hints and dispatch.
+        self._call_seconds: float | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -203,7 +212,7 @@ class InferenceWorker:
         """
         ahead = sum(job.images for job in self._pending)
         calls = -(-ahead // self.max_batch_size) + len(self._running)
-        return calls * self.mean_call_seconds
+        return calls * (self._call_seconds or 1.0)
 
     @property
     def running(self) -> int:
@@ -230,17 +239,38 @@ class InferenceWorker:
         self._arriving -= 1
         self._wakeup.set()  # a forming batch re-checks whether to keep waiting
 
-    def submit(self, call: PreparedCall) -> Job:
-        """Queues a call; raises QueueFull or ShuttingDown at once instead of waiting."""
+    def _admit(self) -> None:
         if not self._accepting:
             self.stats.rejected_draining += 1
             raise ShuttingDown("the server is shutting down; retry on another replica")
-        if len(self._pending) >= self.max_queue:
+        if len(self._pending) + self._reserved >= self.max_queue:
             self.stats.rejected_queue_full += 1
             raise QueueFull(
                 f"the queue is full ({self.max_queue} requests waiting); retry later",
-                retry_after=self._retry_hint(),
+                retry_after=self.retry_hint(),
             )
+
+    @contextlib.contextmanager
+    def reserve(self) -> Iterator[None]:
+        """Holds a place in the queue while a request decodes its inputs; `submit` inside takes it.
+
+        Raises QueueFull or ShuttingDown at once, so a request the queue has no room for is refused
+        before any of its pixels are decoded.
+        """
+        self._admit()
+        self._reserved += 1
+        try:
+            yield
+        finally:
+            self._reserved -= 1
+
+    def submit(self, call: PreparedCall, *, reserved: bool = False) -> Job:
+        """Queues a call; raises QueueFull or ShuttingDown at once instead of waiting.
+
+        `reserved`: the caller holds a place from `reserve`, so the queue has room for it.
+        """
+        if not reserved or not self._accepting:
+            self._admit()
         job = Job(call, asyncio.get_running_loop())
         self.stats.submitted += 1
         self._pending.append(job)
@@ -259,35 +289,58 @@ class InferenceWorker:
         except ValueError:
             return  # running: the flag stops it between steps
         job.done = True
+        job.call.release_inputs()
         self.stats.cancelled_queued += 1
         if reason is not None:
             job.emit(_Failed(reason))
         self._announce_positions()
         self._update_idle()
 
-    async def drain(self, grace: float) -> None:
-        """Stops accepting work, lets queued and running jobs finish for `grace` seconds, then cancels."""
+    async def drain(self, grace: float, *, stuck_after: float = STUCK_CALL_SECONDS) -> bool:
+        """Stops accepting work, lets queued and running jobs finish for `grace` seconds, then cancels.
+
+        A cancelled call stops at its next step; one that does not within `stuck_after` seconds
+        (stuck inside a step) is given up on: returns False, and the device thread is left behind.
+        """
         self._accepting = False
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=grace)
+            return True
         except TimeoutError:
             log.warning(
                 "grace period of %.1fs ended; cancelling %d jobs", grace, self.queue_depth + self.running
             )
-            reason = ShuttingDown("the server shut down before this request finished; retry elsewhere")
-            for job in [*self._pending, *self._running]:
-                self.cancel(job, reason)
-            await self._idle.wait()
+        reason = ShuttingDown("the server shut down before this request finished; retry elsewhere")
+        for job in [*self._pending, *self._running]:
+            self.cancel(job, reason)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=stuck_after)
+            return True
+        except TimeoutError:
+            log.error("a running call did not stop within %.1fs of its cancellation", stuck_after)
+            return False
 
-    async def close(self) -> None:
+    async def close(self, *, wait: bool = True) -> None:
+        """Stops dispatching; `wait=False` leaves a stuck device thread running instead of blocking."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=wait, cancel_futures=True)
 
-    def _retry_hint(self) -> float:
-        return max(1.0, float(len(self._pending)))
+    def retry_hint(self) -> float:
+        """Seconds after which a refused request may find room: about half the queue worked off.
+
+        Estimated from recent call times, queue depth and batching; before any call, one second.
+        """
+        if self._call_seconds is None:
+            return 1.0
+        calls_ahead = (len(self._pending) + self._reserved + len(self._running)) / 2 / self.max_batch_size
+        return min(MAX_RETRY_HINT, max(MIN_RETRY_HINT, self._call_seconds * max(1.0, calls_ahead)))
+
+    def _record_call(self, seconds: float) -> None:
+        previous = self._call_seconds
+        self._call_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
     def _announce_positions(self) -> None:
         depth = len(self._pending)
@@ -351,6 +404,7 @@ class InferenceWorker:
                     job.done = True
                     if job.started is not None:
                         job.finished = finished
+                    job.call.release_inputs()
                 self._running = []
                 self._update_idle()
 
@@ -369,6 +423,7 @@ class InferenceWorker:
         try:
             results = await self.run_on_device(run_batch, [job.call for job in batch], hooks)
         except CallCancelled:
+            self._record_call(time.perf_counter() - started)
             for job in batch:
                 self.stats.cancelled_running += 1
                 job.emit(_Failed(job.cancel_reason))
@@ -381,7 +436,7 @@ class InferenceWorker:
                 job.emit(_Failed(err))
             return
         finished = time.perf_counter()
-        self.mean_call_seconds = 0.8 * self.mean_call_seconds + 0.2 * (finished - started)
+        self._record_call(finished - started)
         for job, images in zip(batch, results, strict=True):
             if job.cancelled():
                 self.stats.cancelled_running += 1

@@ -29,6 +29,10 @@ Rules of the wire, for clients in any language:
   | FAILED_PRECONDITION | MODEL_FAILED           | the model failed to load (reason in message)  |
   | RESOURCE_EXHAUSTED  | QUEUE_FULL             | the queue is full; retry after RetryInfo      |
   | RESOURCE_EXHAUSTED  | OUT_OF_MEMORY          | the device ran out of memory for this request |
+  | RESOURCE_EXHAUSTED  | INPUTS_BUSY            | input pixels in flight are at their limit;    |
+  |                     |                        | retry after RetryInfo                         |
+  | RESOURCE_EXHAUSTED  | CLIENT_TOO_SLOW        | the client read nothing for the server's      |
+  |                     |                        | stream idle timeout; the stream was ended     |
   | UNAVAILABLE         | MODEL_LOADING          | the model is still loading                    |
   | UNAVAILABLE         | MODEL_LOAD_FAILED      | an on-demand model failed to load this time   |
   | UNAVAILABLE         | SHUTTING_DOWN          | the server is draining                        |
@@ -973,6 +977,8 @@ class ServerStats(_message.Message):
     PIPELINE_CALLS_FIELD_NUMBER: _builtins.int
     BATCHED_CALLS_FIELD_NUMBER: _builtins.int
     LARGEST_BATCH_IMAGES_FIELD_NUMBER: _builtins.int
+    REJECTED_INPUTS_BUSY_FIELD_NUMBER: _builtins.int
+    ENDED_CLIENT_TOO_SLOW_FIELD_NUMBER: _builtins.int
     submitted: _builtins.int
     """Generate requests accepted into the queue."""
     completed: _builtins.int
@@ -997,6 +1003,14 @@ class ServerStats(_message.Message):
     """Pipeline calls that served more than one request."""
     largest_batch_images: _builtins.int
     """The most images one pipeline call has produced."""
+    rejected_inputs_busy: _builtins.int
+    """Requests refused with RESOURCE_EXHAUSTED (INPUTS_BUSY) because admitted
+    requests held as many input pixels as the server allows.
+    """
+    ended_client_too_slow: _builtins.int
+    """Streams ended (CLIENT_TOO_SLOW) because their client read nothing for the
+    stream idle timeout.
+    """
     def __init__(
         self,
         *,
@@ -1010,10 +1024,12 @@ class ServerStats(_message.Message):
         pipeline_calls: _builtins.int = ...,
         batched_calls: _builtins.int = ...,
         largest_batch_images: _builtins.int = ...,
+        rejected_inputs_busy: _builtins.int = ...,
+        ended_client_too_slow: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batched_calls", b"batched_calls", "cancelled_queued", b"cancelled_queued", "cancelled_running", b"cancelled_running", "completed", b"completed", "failed", b"failed", "largest_batch_images", b"largest_batch_images", "pipeline_calls", b"pipeline_calls", "rejected_draining", b"rejected_draining", "rejected_queue_full", b"rejected_queue_full", "submitted", b"submitted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batched_calls", b"batched_calls", "cancelled_queued", b"cancelled_queued", "cancelled_running", b"cancelled_running", "completed", b"completed", "ended_client_too_slow", b"ended_client_too_slow", "failed", b"failed", "largest_batch_images", b"largest_batch_images", "pipeline_calls", b"pipeline_calls", "rejected_draining", b"rejected_draining", "rejected_inputs_busy", b"rejected_inputs_busy", "rejected_queue_full", b"rejected_queue_full", "submitted", b"submitted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1065,6 +1081,10 @@ class Limits(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _builtins.int
     MAX_REQUEST_BYTES_FIELD_NUMBER: _builtins.int
     IMAGE_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_INFLIGHT_REQUEST_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_INFLIGHT_PIXELS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_RPCS_FIELD_NUMBER: _builtins.int
+    STREAM_IDLE_TIMEOUT_FIELD_NUMBER: _builtins.int
     max_width: _builtins.int
     """Maximum output width in pixels."""
     max_height: _builtins.int
@@ -1085,6 +1105,22 @@ class Limits(_message.Message):
     """Maximum size of an encoded request message in bytes."""
     image_chunk_bytes: _builtins.int
     """Maximum bytes of image data in one response message."""
+    max_inflight_request_bytes: _builtins.int
+    """Request bytes the server receives at once; request bodies wait (unread)
+    for room.
+    """
+    max_inflight_pixels: _builtins.int
+    """Decoded input pixels (images and masks) admitted requests may hold at
+    once; more are RESOURCE_EXHAUSTED (INPUTS_BUSY).
+    """
+    max_concurrent_rpcs: _builtins.int
+    """RPCs the server handles at once; more are RESOURCE_EXHAUSTED."""
+    @_builtins.property
+    def stream_idle_timeout(self) -> _duration_pb2.Duration:
+        """How long a stream may wait for its client to read before it ends with
+        RESOURCE_EXHAUSTED (CLIENT_TOO_SLOW); zero means no limit.
+        """
+
     def __init__(
         self,
         *,
@@ -1098,10 +1134,14 @@ class Limits(_message.Message):
         max_queue: _builtins.int = ...,
         max_request_bytes: _builtins.int = ...,
         image_chunk_bytes: _builtins.int = ...,
+        max_inflight_request_bytes: _builtins.int = ...,
+        max_inflight_pixels: _builtins.int = ...,
+        max_concurrent_rpcs: _builtins.int = ...,
+        stream_idle_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stream_idle_timeout", b"stream_idle_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_chunk_bytes", b"image_chunk_bytes", "max_height", b"max_height", "max_input_pixels", b"max_input_pixels", "max_num_images", b"max_num_images", "max_num_inference_steps", b"max_num_inference_steps", "max_parameters", b"max_parameters", "max_prompt_length", b"max_prompt_length", "max_queue", b"max_queue", "max_request_bytes", b"max_request_bytes", "max_width", b"max_width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_chunk_bytes", b"image_chunk_bytes", "max_concurrent_rpcs", b"max_concurrent_rpcs", "max_height", b"max_height", "max_inflight_pixels", b"max_inflight_pixels", "max_inflight_request_bytes", b"max_inflight_request_bytes", "max_input_pixels", b"max_input_pixels", "max_num_images", b"max_num_images", "max_num_inference_steps", b"max_num_inference_steps", "max_parameters", b"max_parameters", "max_prompt_length", b"max_prompt_length", "max_queue", b"max_queue", "max_request_bytes", b"max_request_bytes", "max_width", b"max_width", "stream_idle_timeout", b"stream_idle_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,6 +29,10 @@ Rules of the wire, for clients in any language:
   | FAILED_PRECONDITION | MODEL_FAILED           | the model failed to load (reason in message)  |
   | RESOURCE_EXHAUSTED  | QUEUE_FULL             | the queue is full; retry after RetryInfo      |
   | RESOURCE_EXHAUSTED  | OUT_OF_MEMORY          | the device ran out of memory for this request |
+  | RESOURCE_EXHAUSTED  | INPUTS_BUSY            | input pixels in flight are at their limit;    |
+  |                     |                        | retry after RetryInfo                         |
+  | RESOURCE_EXHAUSTED  | CLIENT_TOO_SLOW        | the client read nothing for the server's      |
+  |                     |                        | stream idle timeout; the stream was ended     |
   | UNAVAILABLE         | MODEL_LOADING          | the model is still loading                    |
   | UNAVAILABLE         | MODEL_LOAD_FAILED      | an on-demand model failed to load this time   |
   | UNAVAILABLE         | SHUTTING_DOWN          | the server is draining                        |
