@@ -1,7 +1,8 @@
 """Latency of one small text-to-image request through the server versus the pipeline called directly.
 
 Usage: python benchmarks/latency.py [--family sd15] [--requests 50] [--steps 4] [--size 64]
-Prints median and p95 wall time for both paths and the overhead the server adds.
+Prints median and p95 wall time for both paths, the overhead the server adds (and served/direct),
+and the time from sending a request to its first event (the `queued` event).
 
 The server runs as its own process, as in production, and the direct calls run in another child
 process: torch called from two threads of one process keeps two OpenMP pools competing for the
@@ -56,8 +57,9 @@ def direct_timings(checkpoint: Path, requests: int, steps: int, size: int) -> li
     return timings[1:]  # the first call warms up
 
 
-def served_timings(checkpoint: Path, requests: int, steps: int, size: int) -> list[float]:
-    timings = []
+def served_timings(checkpoint: Path, requests: int, steps: int, size: int) -> tuple[list[float], list[float]]:
+    """Wall times of requests through a served process, and each one's time to its first event."""
+    timings, first_events = [], []
     with server_process("--model", f"tiny={checkpoint}") as target, grpc.insecure_channel(target) as channel:
         stub = pb_grpc.AutoPipelineServiceStub(channel)
         for i in range(requests + 1):
@@ -70,10 +72,14 @@ def served_timings(checkpoint: Path, requests: int, steps: int, size: int) -> li
                 seed=i,
             )
             started = time.perf_counter()
-            events = list(stub.Generate(request))
+            events = []
+            for event in stub.Generate(request):
+                if not events:
+                    first_events.append(time.perf_counter() - started)
+                events.append(event)
             timings.append(time.perf_counter() - started)
             assert events[-1].HasField("completed")
-    return timings[1:]
+    return timings[1:], first_events[1:]
 
 
 def main() -> None:
@@ -97,10 +103,8 @@ def main() -> None:
             capture_output=True,
             text=True,
         )
-        timings = {
-            "direct": json.loads(child.stdout.strip().splitlines()[-1]),
-            "served": served_timings(checkpoint, args.requests, args.steps, args.size),
-        }
+        served, first_events = served_timings(checkpoint, args.requests, args.steps, args.size)
+        timings = {"direct": json.loads(child.stdout.strip().splitlines()[-1]), "served": served}
     print(
         f"{args.family}, {args.size}x{args.size}, {args.steps} steps, {args.requests} requests per path, CPU"
     )
@@ -110,7 +114,12 @@ def main() -> None:
             f"p95 {percentile(values, 0.95) * 1000:7.1f} ms"
         )
     overhead = statistics.median(timings["served"]) - statistics.median(timings["direct"])
-    print(f"  server overhead (median): {overhead * 1000:.1f} ms")
+    ratio = statistics.median(timings["served"]) / statistics.median(timings["direct"])
+    print(f"  server overhead (median): {overhead * 1000:.1f} ms; served/direct {ratio:.3f}")
+    print(
+        f"  time to first event: median {statistics.median(first_events) * 1000:.2f} ms, "
+        f"p95 {percentile(first_events, 0.95) * 1000:.2f} ms"
+    )
 
 
 if __name__ == "__main__":

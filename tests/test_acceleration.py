@@ -20,9 +20,10 @@ from autopipeline_server.acceleration import (
     accelerate,
     configure_cache,
 )
-from autopipeline_server.calls import QuietHooks, prepare_call, run_batch, run_call
+from autopipeline_server.calls import QuietHooks, run_batch, run_call
 from autopipeline_server.domain import GenerationRequest, ModelState, Task
 from autopipeline_server.pipelines import LoadedModel, load_model
+from autopipeline_server.prepare import prepare_call, prepare_with_inputs
 from autopipeline_server.registry import ModelEntry
 from autopipeline_server.settings import ConfigError, ModelSpec, Settings, load_settings
 
@@ -147,7 +148,7 @@ def test_scheduler_batch_composition_and_task_do_not_recompile(compiled: LoadedM
         # No guidance: no CFG, so four images are the same denoiser batch as two with guidance.
         run_call(prepare_call(compiled, _request(4, guidance_scale=1.0)), QuietHooks())
         run_call(
-            prepare_call(compiled, _request(2, task=Task.IMAGE_TO_IMAGE, image=image, strength=1.0)),
+            prepare_with_inputs(compiled, _request(2, task=Task.IMAGE_TO_IMAGE, image=image, strength=1.0)),
             QuietHooks(),
         )
     assert [len(images) for images in results] == [1, 1]

@@ -82,22 +82,18 @@ def test_unavailable_is_retried_up_to_the_limit(checkpoints: dict[str, Path]) ->
         models=(ModelSpec("sd15", str(checkpoints["sd15"])),), host="127.0.0.1", port=0, device="cpu"
     )
     server = ServerThread(settings)
-    stats = server.running.worker.stats
     try:
         with grpc.insecure_channel(server.target) as channel:
             blocker = pb_grpc.AutoPipelineServiceStub(channel).Generate(LONG)
             next(e for e in blocker if e.HasField("progress"))
             # Draining: the running request may finish, every new one is UNAVAILABLE.
             draining = asyncio.run_coroutine_threadsafe(server.running.stop(grace=60), server.loop)
-            deadline = time.monotonic() + 30
-            while server.running.worker.accepting:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            before = stats.rejected_draining
+            wait_for(lambda: not server.running.worker.accepting)
+            before = server_info(server).stats.rejected_draining
             policy = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
             with Client(server.target, timeout=30, retry=policy) as client, pytest.raises(UnavailableError):
                 client.generate("x", num_inference_steps=2)
-            assert stats.rejected_draining == before + 3
+            assert server_info(server).stats.rejected_draining == before + 3
             blocker.cancel()
             draining.result(60)
     finally:
@@ -108,7 +104,6 @@ def test_a_full_queue_is_retried_after_the_delay_the_server_asks(
     retry_server: ServerThread,
 ) -> None:
     server = retry_server
-    stats = server.running.worker.stats
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.AutoPipelineServiceStub(channel)
         long = pb.GenerateRequest(
@@ -119,7 +114,7 @@ def test_a_full_queue_is_retried_after_the_delay_the_server_asks(
         filler = stub.Generate(long)
         next(e for e in filler if e.HasField("queued"))
         try:
-            before = stats.rejected_queue_full
+            before = server_info(server).stats.rejected_queue_full
             patient = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=5)
             started = time.monotonic()
             with (
@@ -128,12 +123,12 @@ def test_a_full_queue_is_retried_after_the_delay_the_server_asks(
             ):
                 client.generate("x", num_inference_steps=2)
             assert time.monotonic() - started >= caught.value.retry_after, "retried before the server's delay"
-            assert stats.rejected_queue_full == before + 2
+            assert server_info(server).stats.rejected_queue_full == before + 2
 
             impatient = RetryPolicy(max_attempts=5, max_backoff=0.5)  # the server asks for 1 s
             with Client(server.target, retry=impatient) as client, pytest.raises(ResourceExhaustedError):
                 client.generate("x", num_inference_steps=2)
-            assert stats.rejected_queue_full == before + 3
+            assert server_info(server).stats.rejected_queue_full == before + 3
         finally:
             blocker.cancel()
             filler.cancel()

@@ -159,8 +159,13 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
             if request is None:
                 raise _malformed("GenerateRequest")
             # Only the inputs' headers are read here; their pixels are decoded once admitted, below.
-            domain_request = await asyncio.to_thread(
-                convert.generation_request, request, self._settings.limits
+            # That is cheap enough for the event loop, except a control image, which is decoded
+            # here: then the work goes to a thread.
+            pixels_here = request.HasField("control_image")
+            domain_request = (
+                await asyncio.to_thread(convert.generation_request, request, self._settings.limits)
+                if pixels_here
+                else convert.generation_request(request, self._settings.limits)
             )
             request.ClearField("image")  # the opened inputs hold these bytes now
             request.ClearField("mask_image")
@@ -175,7 +180,12 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
             yield convert.queued_event(Queued(position=depth, depth=depth + 1))
         try:
             async with replica.registry.lease(entry) as model:
-                call = await asyncio.to_thread(prepare_call, model, domain_request)
+                # Pixel-free, so on the loop; a control image is resized in it, so in a thread.
+                call = (
+                    await asyncio.to_thread(prepare_call, model, domain_request)
+                    if pixels_here
+                    else prepare_call(model, domain_request)
+                )
                 # Everything that needs no pixels has passed; now a place in the queue and the
                 # input pixels are reserved, and only then are the inputs decoded.
                 with self._admission.hold_pixels(convert.input_pixels(domain_request)):
