@@ -240,7 +240,9 @@ class Previewer:
 def _batch_norm_vae_decode(pipe: Any, vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Flux.2's end of __call__: undo the VAE's batch norm on the patches, unpatchify, decode."""
     mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device, latents.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
+        latents.device, latents.dtype
+    )
     latents = pipe._unpatchify_latents(latents * std + mean)
     decoded: torch.Tensor = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return decoded
