@@ -321,6 +321,88 @@ def test_previews(family: str, stubs: dict[str, pb_grpc.AutoPipelineServiceStub]
         assert PIL.Image.open(io.BytesIO(preview.image.data)).size == (SIZE, SIZE)
 
 
+PACKED_DECODERS = ("flux2-klein", "qwen-image")  # previews by the pipeline's own unpack and full decode
+
+
+@pytest.mark.parametrize(
+    ("family", "task"), [(f, t) for f, t in CASES if f in PACKED_DECODERS], ids=lambda v: str(v)
+)
+def test_packed_previews_at_the_interval_for_every_task(
+    family: str, task: int, stubs: dict[str, pb_grpc.AutoPipelineServiceStub]
+) -> None:
+    (model,) = stubs[family].Inspect(pb.InspectRequest(model=family), timeout=30).models
+    assert all(t.supports_previews for t in model.tasks)
+    strength = {"strength": 1.0} if task == INPAINT else {}  # so that all 4 steps run, ending on one due
+    request = _request(family, task, num_inference_steps=4, preview_interval=2, **strength)
+    events = _events(stubs[family], request)
+    started, images = _check_stream(events)
+    previews = [e.preview for e in events if e.HasField("preview")]
+    assert [p.step for p in previews] == list(range(2, started.total_steps + 1, 2))
+    assert previews and previews[-1].step == started.total_steps
+    for preview in previews:
+        decoded = PIL.Image.open(io.BytesIO(preview.image.data))
+        assert decoded.format in ("PNG", "JPEG") and decoded.size == (SIZE, SIZE)
+    # The last step's latents are the ones the pipeline decodes: its preview is the image itself.
+    last = PIL.Image.open(io.BytesIO(previews[-1].image.data)).convert("RGB")
+    assert last.tobytes() == images[0].convert("RGB").tobytes()
+
+
+@pytest.mark.parametrize("family", PACKED_DECODERS)
+def test_packed_previews_keep_the_aspect_within_256_pixels(
+    family: str, stubs: dict[str, pb_grpc.AutoPipelineServiceStub]
+) -> None:
+    request = _request(family, T2I, size=320, preview_interval=1)
+    request.height = 256
+    events = _events(stubs[family], request)
+    _check_stream(events)
+    sizes = {PIL.Image.open(io.BytesIO(e.preview.image.data)).size for e in events if e.HasField("preview")}
+    assert sizes == {(256, 205)}  # 320 x 256 scaled by 256 / 320
+
+
+@pytest.mark.parametrize("family", PACKED_DECODERS)
+def test_packed_previews_denormalise_as_the_pipeline_does(family: str, tmp_path: Path) -> None:
+    """With non-trivial VAE statistics (the tiny ones are 0 and 1), the last preview is the output."""
+    import diffusers
+    import numpy as np
+    import torch
+
+    from autopipeline_server.previews import Previewer
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(build_tiny_checkpoint(family, tmp_path, seed=0)))
+    pipe.set_progress_bar_config(disable=True)
+    vae = pipe.vae
+    if family == "flux2-klein":  # batch-normalised patch latents
+        vae.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, vae.bn.running_mean.numel()))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.running_var.numel()))
+    else:  # the video VAE's per-channel latents_mean / latents_std
+        channels = vae.config.z_dim
+        vae.register_to_config(
+            latents_mean=torch.linspace(-0.5, 0.5, channels).tolist(),
+            latents_std=torch.linspace(0.5, 2.0, channels).tolist(),
+        )
+    seen: list[torch.Tensor] = []
+
+    def keep(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        seen.append(tensors["latents"].clone())
+        return {}
+
+    width, height = 64, 48  # not square, so a transposed unpack shows
+    (image,) = pipe(
+        prompt="a tiny red cube",
+        width=width,
+        height=height,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end=keep,
+        callback_on_step_end_tensor_inputs=["latents"],
+    ).images
+    (preview,) = Previewer(pipe, width, height)(seen[-1])
+    assert preview.size == image.size == (width, height)
+    assert np.array_equal(np.asarray(preview), np.asarray(image))
+    # A preview that skipped the de-normalisation would differ.
+    assert not np.array_equal(np.asarray(Previewer(pipe, width, height)(seen[0])[0]), np.asarray(image))
+
+
 def test_load_options_come_from_config_tables_and_show_in_inspect(
     tmp_path: Path, stubs: dict[str, pb_grpc.AutoPipelineServiceStub]
 ) -> None:

@@ -4,8 +4,11 @@ A preview is cheap where the latent space is known: a linear latent-to-RGB proje
 per-channel factors of the SD 1.x, SDXL, SD3 and Flux VAEs, as ComfyUI's `latent_formats.py` lists
 them), picked by the VAE's own configuration (latent channels, scaling and shift factors), never by a
 family name. Anything else is decoded in full: the VAE, Kandinsky's MoVQ, or nothing at all for
-pixel-space models (DeepFloyd IF's latents are the image). Packed DiT latents (Flux, Qwen-Image) are
-unpacked with the pipeline's own `_unpack_latents` first.
+pixel-space models (DeepFloyd IF's latents are the image). Packed DiT latents are unpacked with the
+pipeline's own `_unpack_latents` first (Flux, Qwen-Image), or with `_unpack_latents_with_ids` and the
+position ids its own `_prepare_latent_ids` builds (Flux.2). Each full decode does what the pipeline
+itself does after its loop: Flux.2 undoes its VAE's batch norm and unpatchifies; Qwen-Image's video
+VAE takes per-channel `latents_mean`/`latents_std` and a frame dimension.
 """
 
 from __future__ import annotations
@@ -142,9 +145,20 @@ def latent_hook(pipe: Any, named: Mapping[str, inspect.Parameter]) -> str | None
     return None
 
 
+def _packs_with_ids(pipe: Any) -> bool:
+    """Whether the pipeline scatters its tokens by position ids (Flux.2), which it builds from the shape."""
+    return all(hasattr(pipe, name) for name in ("_unpack_latents_with_ids", "_prepare_latent_ids"))
+
+
 def _unpacks(pipe: Any) -> bool:
-    """Whether packed latents can be unpacked (Flux.2's need position ids, which a callback lacks)."""
-    return not hasattr(pipe, "_pack_latents") or hasattr(pipe, "_unpack_latents")
+    """Whether packed latents can be unpacked with the pipeline's own helpers."""
+    return not hasattr(pipe, "_pack_latents") or hasattr(pipe, "_unpack_latents") or _packs_with_ids(pipe)
+
+
+def _video_vae(vae: Any) -> bool:
+    """A video-style VAE (Qwen-Image's): per-channel normalisation and (batch, channels, frames, h, w)."""
+    config = vae.config
+    return all(getattr(config, name, None) is not None for name in ("z_dim", "latents_mean", "latents_std"))
 
 
 def can_preview(pipe: Any, named: Mapping[str, inspect.Parameter]) -> bool:
@@ -156,8 +170,11 @@ def can_preview(pipe: Any, named: Mapping[str, inspect.Parameter]) -> bool:
         return True
     if vae is None:  # pixel-space: the latents are the image
         return getattr(decoder, "unet", None) is not None
-    # Video-style VAEs (Qwen-Image) normalise per channel; only the linear map is offered for them.
-    return latent_format(vae.config) is not None or not hasattr(vae.config, "latents_mean")
+    if hasattr(vae, "bn") and not hasattr(decoder, "_unpatchify_latents"):
+        return False  # batch-normalised patch latents (Flux.2) need the pipeline's unpatchify
+    # Other VAEs that normalise per channel (Playground's SDXL) decode by formulas not known here.
+    known = latent_format(vae.config) is not None or _video_vae(vae)
+    return known or getattr(vae.config, "latents_mean", None) is None
 
 
 def latent_format(config: Any) -> LatentFormat | None:
@@ -181,15 +198,24 @@ class Previewer:
         return _thumbnails(rgb, (self._width, self._height))
 
     def _unpacked(self, latents: torch.Tensor) -> torch.Tensor:
-        if latents.ndim == 3 and hasattr(self._pipe, "_unpack_latents"):
-            scale = int(getattr(self._pipe, "vae_scale_factor", 8))
-            latents = self._pipe._unpack_latents(latents, self._height, self._width, scale)
-        if latents.ndim == 5:  # (batch, channels, frames=1, h, w) of video-style VAEs
-            latents = latents[:, :, 0]
-        return latents
+        pipe = self._pipe
+        if latents.ndim != 3 or not hasattr(pipe, "_pack_latents"):
+            return latents
+        scale = int(getattr(pipe, "vae_scale_factor", 8))
+        if hasattr(pipe, "_unpack_latents"):
+            unpacked: torch.Tensor = pipe._unpack_latents(latents, self._height, self._width, scale)
+            return unpacked
+        # Flux.2: the ids its prepare_latents builds from the (batch, channels, h/2, w/2) patch grid.
+        height, width = 2 * (self._height // (scale * 2)), 2 * (self._width // (scale * 2))
+        grid = latents.new_empty(latents.shape[0], 1, height // 2, width // 2)
+        ids = pipe._prepare_latent_ids(grid).to(latents.device)
+        unpacked = pipe._unpack_latents_with_ids(latents, ids, height // 2, width // 2)
+        return unpacked
 
     def _linear(self, latents: torch.Tensor) -> torch.Tensor:
         assert self.format is not None
+        if latents.ndim == 5:  # (batch, channels, frames=1, h, w) of video-style VAEs
+            latents = latents[:, :, 0]
         factors = torch.tensor(self.format.factors, dtype=torch.float32, device=latents.device)
         bias = torch.tensor(self.format.bias, dtype=torch.float32, device=latents.device)
         rgb = torch.einsum("bchw,cr->brhw", latents.float(), factors) + bias[None, :, None, None]
@@ -202,9 +228,36 @@ class Previewer:
             decoded: torch.Tensor = movq.decode(latents.to(movq.dtype), force_not_quantize=True)["sample"]
         elif vae is None:
             decoded = latents[:, :3]  # pixel-space: the noisy image itself
+        elif hasattr(vae, "bn"):
+            decoded = _batch_norm_vae_decode(pipe, vae, latents)
+        elif _video_vae(vae):
+            decoded = _video_vae_decode(vae, latents)
         else:
             decoded = _vae_decode(vae, latents)
         return (decoded.float() + 1) / 2
+
+
+def _batch_norm_vae_decode(pipe: Any, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Flux.2's end of __call__: undo the VAE's batch norm on the patches, unpatchify, decode."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
+        latents.device, latents.dtype
+    )
+    latents = pipe._unpatchify_latents(latents * std + mean)
+    decoded: torch.Tensor = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return decoded
+
+
+def _video_vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Qwen-Image's end of __call__: per-channel de-normalisation, decode, the one frame."""
+    latents = latents.to(vae.dtype)
+    if latents.ndim == 4:
+        latents = latents[:, :, None]
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    decoded: torch.Tensor = vae.decode(latents / std + mean, return_dict=False)[0][:, :, 0]
+    return decoded
 
 
 def _vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
