@@ -150,11 +150,12 @@ class AccessInterceptor(_ServerInterceptor):
             )
         if handler.stream_stream is not None:
             behavior = cast("Any", handler.stream_stream)
-            # A handler that writes its responses (context.write) is a coroutine, not a generator.
+            # A handler that writes its responses (context.write) is a coroutine, not a generator;
+            # it is presented as a generator that yields nothing, as gRPC and OpenTelemetry expect.
             wrapped = (
                 self._streaming(behavior, rpc, request_id)
                 if inspect.isasyncgenfunction(behavior)
-                else self._unary(behavior, rpc, request_id)
+                else self._writing(behavior, rpc, request_id)
             )
             return grpc.stream_stream_rpc_method_handler(
                 wrapped,
@@ -186,6 +187,20 @@ class AccessInterceptor(_ServerInterceptor):
                 self._finish(record, context, err)
                 raise
             self._finish(record, context, None)
+
+        return observed
+
+    def _writing(self, behavior: UnaryBehavior, rpc: str, request_id: str) -> StreamBehavior:
+        async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
+            record = self._start(rpc, request_id)
+            try:
+                await behavior(request, context)
+            except BaseException as err:
+                self._finish(record, context, err)
+                raise
+            self._finish(record, context, None)
+            return
+            yield  # pragma: no cover  # an async generator; the responses went out through context.write
 
         return observed
 
