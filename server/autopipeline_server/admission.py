@@ -126,7 +126,9 @@ class Admission:
             await context.write(message)
             return
         try:
-            await asyncio.wait_for(context.write(message), timeout=self.stream_idle_timeout)
+            # asyncio.timeout, not wait_for: no task per message on the hot path.
+            async with asyncio.timeout(self.stream_idle_timeout):
+                await context.write(message)
         except TimeoutError:
             self._stats.ended_client_too_slow += 1
             log.warning(
