@@ -20,7 +20,7 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 
 BIN = Path(sys.executable).parent
-GRACE = 120  # seconds: drain waits for in-flight work up to this long
+GRACE = 600  # seconds: drain waits for in-flight work up to this long, however busy the machine
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -116,7 +116,7 @@ def test_cli_against_a_separate_server_then_graceful_shutdown(
         request = pb.GenerateRequest(task=pb.TASK_TEXT_TO_IMAGE, prompt="measure", num_inference_steps=10)
         progress = [e.progress for e in stub.Generate(request) if e.HasField("progress")]
         step_seconds = progress[-1].elapsed.ToNanoseconds() / 1e9 / len(progress)
-        steps = min(500, max(20, math.ceil(5.0 / step_seconds)))
+        steps = min(500, max(20, math.ceil(3.0 / step_seconds)))
         slow = subprocess.Popen(
             [cli, "--target", target, "generate", "--task", "text-to-image", "--prompt", "slow",
              "--steps", str(steps), "-o", str(tmp_path / "slow.png")],

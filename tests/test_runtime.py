@@ -7,7 +7,7 @@ import io
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,15 +171,11 @@ def test_batched_requests_match_solo_requests(
         {"prompt": "a green tree", "seed": 13},
     ]
 
-    async def batched() -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
-        async with grpc.aio.insecure_channel(batching.target) as channel:
-            stub = pb_grpc.AutoPipelineServiceStub(channel)
-            return await asyncio.gather(
-                *(collect(stub, pb.GenerateRequest(model=model, **SHORT, **v)) for v in variants)  # type: ignore[arg-type]
-            )
-
     calls_before = server_info(batching).stats.batched_calls
-    results = asyncio.run(batched())
+    results = _concurrently(
+        batching,
+        *(pb.GenerateRequest(model=model, **SHORT, **v) for v in variants),  # type: ignore[arg-type]
+    )
     assert server_info(batching).stats.batched_calls > calls_before
     with grpc.insecure_channel(server.target) as channel:
         solo_stub = pb_grpc.AutoPipelineServiceStub(channel)
@@ -218,12 +214,7 @@ def test_batched_image_to_image_keeps_each_input(batching: ServerThread, server:
         for image in inputs
     ]
 
-    async def batched() -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
-        async with grpc.aio.insecure_channel(batching.target) as channel:
-            stub = pb_grpc.AutoPipelineServiceStub(channel)
-            return await asyncio.gather(*(collect(stub, r) for r in requests))
-
-    results = asyncio.run(batched())
+    results = _concurrently(batching, *requests)
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.AutoPipelineServiceStub(channel)
         for request, events in zip(requests, results, strict=True):
@@ -237,9 +228,16 @@ def test_cancelled_batch_member_does_not_spoil_the_others(batching: ServerThread
     async def main() -> tuple[list[pb.GenerateResponse] | grpc.aio.AioRpcError, bool]:
         async with grpc.aio.insecure_channel(batching.target) as channel:
             stub = pb_grpc.AutoPipelineServiceStub(channel)
-            slow = {**LONG, "num_inference_steps": 60}
+            slow = {**SHORT, "num_inference_steps": 60}
+            blocker = stub.Generate(BLOCKER)
+            async for event in blocker:
+                if event.HasField("progress"):
+                    break
             keeper = asyncio.ensure_future(collect(stub, pb.GenerateRequest(prompt="keep", seed=1, **slow)))
             leaver = stub.Generate(pb.GenerateRequest(prompt="leave", seed=2, **slow))
+            while (await stub.Inspect(pb.InspectRequest())).server.queue_depth < 2:
+                await asyncio.sleep(0.005)
+            blocker.cancel()
             async for event in leaver:
                 if event.HasField("progress"):
                     assert event.progress.step >= 1
@@ -273,11 +271,30 @@ def inspect_models(server: ServerThread) -> list[pb.ModelInfo]:
         return list(pb_grpc.AutoPipelineServiceStub(channel).Inspect(pb.InspectRequest()).models)
 
 
+# Holds the device (256x256, never batched with the 64x64 requests below) until the requests under
+# test are all queued: whether they share a call then depends on batching alone, not on how fast
+# each reached the server.
+BLOCKER = pb.GenerateRequest(prompt="blocker", **LONG)
+
+
+async def _queued_together(
+    stub: pb_grpc.AutoPipelineServiceStub, requests: Sequence[pb.GenerateRequest]
+) -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
+    blocker = stub.Generate(BLOCKER)
+    async for event in blocker:
+        if event.HasField("progress"):
+            break
+    calls = [asyncio.ensure_future(collect(stub, request)) for request in requests]
+    while (await stub.Inspect(pb.InspectRequest())).server.queue_depth < len(requests):
+        await asyncio.sleep(0.005)
+    blocker.cancel()
+    return list(await asyncio.gather(*calls))
+
+
 def _concurrently(server: ServerThread, *requests: pb.GenerateRequest) -> list[list[pb.GenerateResponse]]:
     async def main() -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
         async with grpc.aio.insecure_channel(server.target) as channel:
-            stub = pb_grpc.AutoPipelineServiceStub(channel)
-            return await asyncio.gather(*(collect(stub, r) for r in requests))
+            return await _queued_together(pb_grpc.AutoPipelineServiceStub(channel), requests)
 
     outcomes = asyncio.run(main())
     for events in outcomes:
