@@ -7,7 +7,7 @@ import contextlib
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -88,6 +88,36 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 120) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition never held"
         time.sleep(0.01)
+
+
+def queued_together(
+    server: ServerThread, requests: Sequence[pb.GenerateRequest], *, blocker: pb.GenerateRequest
+) -> list[list[pb.GenerateResponse]]:
+    """Runs `requests` so that they are all in the queue when the device frees up.
+
+    `blocker` (a long request the others cannot batch with) holds the device until every request
+    is queued, then is cancelled: whether they share a call then depends on batching alone, not
+    on how quickly each reached a busy server.
+    """
+
+    async def main() -> list[list[pb.GenerateResponse]]:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+
+            async def collect(request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
+                return [event async for event in stub.Generate(request, timeout=300)]
+
+            held = stub.Generate(blocker)
+            async for event in held:
+                if event.HasField("progress"):
+                    break
+            calls = [asyncio.ensure_future(collect(request)) for request in requests]
+            while (await stub.Inspect(pb.InspectRequest())).server.queue_depth < len(requests):
+                await asyncio.sleep(0.005)
+            held.cancel()
+            return list(await asyncio.gather(*calls))
+
+    return asyncio.run(main())
 
 
 def png_bytes(image: PIL.Image.Image) -> bytes:

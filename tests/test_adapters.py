@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from autopipeline_server.settings import AdapterSpec, ConfigError, ModelSpec, Se
 from autopipeline_server.tiny import build_tiny_checkpoint
 from autopipeline_server.tiny_lora import build_tiny_lora
 
-from .support import ServerThread, png_bytes
+from .support import ServerThread, png_bytes, queued_together
 from .test_server import status_details
 
 SHORT: dict[str, Any] = {"num_inference_steps": 2, "width": 64, "height": 64, "seed": 5}
@@ -125,17 +124,14 @@ def _task_inputs(task: int) -> dict[str, Any]:
     return inputs
 
 
+# Holds the device (256x256, never batched with the 64x64 requests); see `queued_together`.
+BLOCKER = pb.GenerateRequest(
+    model="lora", task=pb.TASK_TEXT_TO_IMAGE, prompt="blocker", num_inference_steps=500, width=256, height=256
+)
+
+
 def _concurrently(server: ServerThread, *requests: pb.GenerateRequest) -> list[list[pb.GenerateResponse]]:
-    async def main() -> list[list[pb.GenerateResponse]]:
-        async with grpc.aio.insecure_channel(server.target) as channel:
-            aio_stub = pb_grpc.AutoPipelineServiceStub(channel)
-
-            async def collect(request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
-                return [event async for event in aio_stub.Generate(request, timeout=120)]
-
-            return await asyncio.gather(*(collect(r) for r in requests))
-
-    return asyncio.run(main())
+    return queued_together(server, requests, blocker=BLOCKER)
 
 
 # ------------------------------------------------------------------------------------------ ControlNet

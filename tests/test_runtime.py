@@ -7,7 +7,7 @@ import io
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from autopipeline_server.registry import MAX_REMEMBERED_SOURCES
 from autopipeline_server.settings import ModelSpec, Settings
 from autopipeline_server.tiny import build_tiny_checkpoint
 
-from .support import ServerThread, png_bytes, server_info, wait_for
+from .support import ServerThread, png_bytes, queued_together, server_info, wait_for
 
 SHORT = {"task": pb.TASK_TEXT_TO_IMAGE, "num_inference_steps": 3, "width": 64, "height": 64}
 # Long enough (hundreds of steps at 256x256) that it is still running when the test acts on it.
@@ -271,35 +271,12 @@ def inspect_models(server: ServerThread) -> list[pb.ModelInfo]:
         return list(pb_grpc.AutoPipelineServiceStub(channel).Inspect(pb.InspectRequest()).models)
 
 
-# Holds the device (256x256, never batched with the 64x64 requests below) until the requests under
-# test are all queued: whether they share a call then depends on batching alone, not on how fast
-# each reached the server.
+# Holds the device (256x256, never batched with the 64x64 requests below); see `queued_together`.
 BLOCKER = pb.GenerateRequest(prompt="blocker", **LONG)
 
 
-async def _queued_together(
-    stub: pb_grpc.AutoPipelineServiceStub, requests: Sequence[pb.GenerateRequest]
-) -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
-    blocker = stub.Generate(BLOCKER)
-    async for event in blocker:
-        if event.HasField("progress"):
-            break
-    calls = [asyncio.ensure_future(collect(stub, request)) for request in requests]
-    while (await stub.Inspect(pb.InspectRequest())).server.queue_depth < len(requests):
-        await asyncio.sleep(0.005)
-    blocker.cancel()
-    return list(await asyncio.gather(*calls))
-
-
 def _concurrently(server: ServerThread, *requests: pb.GenerateRequest) -> list[list[pb.GenerateResponse]]:
-    async def main() -> list[list[pb.GenerateResponse] | grpc.aio.AioRpcError]:
-        async with grpc.aio.insecure_channel(server.target) as channel:
-            return await _queued_together(pb_grpc.AutoPipelineServiceStub(channel), requests)
-
-    outcomes = asyncio.run(main())
-    for events in outcomes:
-        assert isinstance(events, list), events
-    return outcomes  # type: ignore[return-value]
+    return queued_together(server, requests, blocker=BLOCKER)
 
 
 def _started(events: list[pb.GenerateResponse]) -> pb.Started:
