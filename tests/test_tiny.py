@@ -42,10 +42,6 @@ CLASS_NAMES = {
 KANDINSKY = ("kandinsky21", "kandinsky22", "kandinsky22-inpainting")
 # Inpainting-only checkpoints: diffusers' AutoPipeline loads them for inpainting.
 INPAINTING_ONLY = ("sd15-inpainting", "kandinsky22-inpainting")
-# Where the project's loader cannot yet run a checkpoint's first task, which the issue "Every AutoPipeline
-# family, truthfully" fixes; until then test_one_step uses diffusers directly for these, and
-# test_loader_gap_is_still_open is a strict xfail (it fails once the loader works).
-LOADER_GAPS: dict[str, str] = {}
 MAX_BYTES = 2_500_000  # the largest part is Kandinsky's MoVQ: SpatialNorm needs 32-channel stages
 
 # Kandinsky 2.2's combined pipelines pass the deprecated `callback_steps` to their decoder (diffusers' code).
@@ -134,39 +130,14 @@ def _through_load_model(family: str, path: pathlib.Path) -> tuple[Any, Task]:
     return model.tasks[task].pipe, task
 
 
-def _through_diffusers(family: str, path: pathlib.Path) -> tuple[Any, Task]:
-    """diffusers' AutoPipeline for the checkpoint's own task, loaded offline."""
-    task = Task.INPAINTING if family in INPAINTING_ONLY else Task.TEXT_TO_IMAGE
-    auto = AutoPipelineForInpainting if task is Task.INPAINTING else AutoPipelineForText2Image
-    pipe = auto.from_pretrained(path, local_files_only=True, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, task
-
-
 @pytest.mark.filterwarnings(KANDINSKY_CALLBACK_STEPS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_step(family: str, built: dict[str, pathlib.Path]) -> None:
     """Every checkpoint loads offline (Kandinsky: with its prior) and runs one step of its first task."""
-    if family in LOADER_GAPS:
-        # MARKED: the project's loader cannot run this family yet (see LOADER_GAPS and the strict xfail
-        # below), so this checks the checkpoint itself through diffusers' AutoPipeline directly.
-        pipe, task = _through_diffusers(family, built[family])
-    else:
-        pipe, task = _through_load_model(family, built[family])
+    pipe, task = _through_load_model(family, built[family])
     if family in KANDINSKY:
         assert type(pipe).__name__.endswith("CombinedPipeline")
         assert pipe.prior_prior is not None
-    assert _run_one_step(pipe, task).size == (SIZE, SIZE)
-
-
-@pytest.mark.filterwarnings(KANDINSKY_CALLBACK_STEPS)
-@pytest.mark.parametrize(
-    "family",
-    [pytest.param(f, marks=pytest.mark.xfail(reason=LOADER_GAPS[f], strict=True)) for f in LOADER_GAPS],
-)
-def test_loader_gap_is_still_open(family: str, built: dict[str, pathlib.Path]) -> None:
-    """Fails (XPASS) once the project's loader runs the family: then drop it from LOADER_GAPS."""
-    pipe, task = _through_load_model(family, built[family])
     assert _run_one_step(pipe, task).size == (SIZE, SIZE)
 
 
