@@ -40,8 +40,6 @@ CLASS_NAMES = {
     "sd15-controlnet": "StableDiffusionControlNetPipeline",
 }
 KANDINSKY = ("kandinsky21", "kandinsky22", "kandinsky22-inpainting")
-# Inpainting-only checkpoints: diffusers' AutoPipeline loads them for inpainting.
-INPAINTING_ONLY = ("sd15-inpainting", "kandinsky22-inpainting")
 MAX_BYTES = 2_500_000  # the largest part is Kandinsky's MoVQ: SpatialNorm needs 32-channel stages
 
 # Kandinsky 2.2's combined pipelines pass the deprecated `callback_steps` to their decoder (diffusers' code).
