@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,38 +101,42 @@ def test_unavailable_is_retried_up_to_the_limit(checkpoints: dict[str, Path]) ->
         server.close_loop()
 
 
+@contextlib.contextmanager
+def full_queue(server: ServerThread) -> Iterator[None]:
+    """The server's one queue place taken (its `max_queue` is 1) behind a running request, until exit."""
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        blocker = stub.Generate(LONG)
+        next(e for e in blocker if e.HasField("progress"))
+        filler = stub.Generate(LONG)
+        next(e for e in filler if e.HasField("queued"))
+        try:
+            yield
+        finally:
+            blocker.cancel()
+            filler.cancel()
+
+
 def test_a_full_queue_is_retried_after_the_delay_the_server_asks(
     retry_server: ServerThread,
 ) -> None:
     server = retry_server
-    with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.AutoPipelineServiceStub(channel)
-        long = pb.GenerateRequest(
-            task=pb.TASK_TEXT_TO_IMAGE, prompt="x", num_inference_steps=500, width=256, height=256
-        )
-        blocker = stub.Generate(long)
-        next(e for e in blocker if e.HasField("progress"))
-        filler = stub.Generate(long)
-        next(e for e in filler if e.HasField("queued"))
-        try:
-            before = server_info(server).stats.rejected_queue_full
-            patient = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=5)
-            started = time.monotonic()
-            with (
-                Client(server.target, retry=patient) as client,
-                pytest.raises(ResourceExhaustedError) as caught,
-            ):
-                client.generate("x", num_inference_steps=2)
-            assert time.monotonic() - started >= caught.value.retry_after, "retried before the server's delay"
-            assert server_info(server).stats.rejected_queue_full == before + 2
+    with full_queue(server):
+        before = server_info(server).stats.rejected_queue_full
+        patient = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=5)
+        started = time.monotonic()
+        with (
+            Client(server.target, retry=patient) as client,
+            pytest.raises(ResourceExhaustedError) as caught,
+        ):
+            client.generate("x", num_inference_steps=2)
+        assert time.monotonic() - started >= caught.value.retry_after, "retried before the server's delay"
+        assert server_info(server).stats.rejected_queue_full == before + 2
 
-            impatient = RetryPolicy(max_attempts=5, max_backoff=0.5)  # the server asks for 1 s
-            with Client(server.target, retry=impatient) as client, pytest.raises(ResourceExhaustedError):
-                client.generate("x", num_inference_steps=2)
-            assert server_info(server).stats.rejected_queue_full == before + 3
-        finally:
-            blocker.cancel()
-            filler.cancel()
+        impatient = RetryPolicy(max_attempts=5, max_backoff=0.5)  # the server asks for 1 s
+        with Client(server.target, retry=impatient) as client, pytest.raises(ResourceExhaustedError):
+            client.generate("x", num_inference_steps=2)
+        assert server_info(server).stats.rejected_queue_full == before + 3
 
 
 def test_nothing_is_retried_after_the_first_event(retry_server: ServerThread) -> None:
@@ -184,31 +189,19 @@ def test_async_client_retries_unavailable_up_to_the_limit(checkpoints: dict[str,
 def test_async_client_waits_out_a_full_queue(retry_server: ServerThread) -> None:
     """AsyncClient honours RetryInfo like Client: it retries a full queue after the server's delay."""
     server = retry_server
-    with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.AutoPipelineServiceStub(channel)
-        long = pb.GenerateRequest(
-            task=pb.TASK_TEXT_TO_IMAGE, prompt="x", num_inference_steps=500, width=256, height=256
-        )
-        blocker = stub.Generate(long)
-        next(e for e in blocker if e.HasField("progress"))
-        filler = stub.Generate(long)
-        next(e for e in filler if e.HasField("queued"))
+    patient = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=5)
+
+    async def full() -> ResourceExhaustedError:
+        async with AsyncClient(server.target, retry=patient) as client:
+            try:
+                await client.generate("x", num_inference_steps=2)
+            except ResourceExhaustedError as err:
+                return err
+        raise AssertionError("a full queue was not reported")
+
+    with full_queue(server):
         before = server_info(server).stats.rejected_queue_full
-        patient = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=5)
-
-        async def full() -> ResourceExhaustedError:
-            async with AsyncClient(server.target, retry=patient) as client:
-                try:
-                    await client.generate("x", num_inference_steps=2)
-                except ResourceExhaustedError as err:
-                    return err
-            raise AssertionError("a full queue was not reported")
-
-        try:
-            started = time.monotonic()
-            error = asyncio.run(full())
-            assert time.monotonic() - started >= error.retry_after, "retried before the server's delay"
-            assert server_info(server).stats.rejected_queue_full == before + 2
-        finally:
-            blocker.cancel()
-            filler.cancel()
+        started = time.monotonic()
+        error = asyncio.run(full())
+        assert time.monotonic() - started >= error.retry_after, "retried before the server's delay"
+        assert server_info(server).stats.rejected_queue_full == before + 2
