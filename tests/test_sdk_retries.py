@@ -78,7 +78,9 @@ def retry_server(checkpoints: dict[str, Path]) -> Iterator[ServerThread]:
     server.stop()
 
 
-def test_unavailable_is_retried_up_to_the_limit(checkpoints: dict[str, Path]) -> None:
+@contextlib.contextmanager
+def draining_server(checkpoints: dict[str, Path]) -> Iterator[ServerThread]:
+    """A server draining behind a running request: every new request is UNAVAILABLE until exit."""
     settings = Settings(
         models=(ModelSpec("sd15", str(checkpoints["sd15"])),), host="127.0.0.1", port=0, device="cpu"
     )
@@ -87,18 +89,22 @@ def test_unavailable_is_retried_up_to_the_limit(checkpoints: dict[str, Path]) ->
         with grpc.insecure_channel(server.target) as channel:
             blocker = pb_grpc.AutoPipelineServiceStub(channel).Generate(LONG)
             next(e for e in blocker if e.HasField("progress"))
-            # Draining: the running request may finish, every new one is UNAVAILABLE.
             draining = asyncio.run_coroutine_threadsafe(server.running.stop(grace=60), server.loop)
             wait_for(lambda: not server.running.worker.accepting)
-            before = server_info(server).stats.rejected_draining
-            policy = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
-            with Client(server.target, timeout=30, retry=policy) as client, pytest.raises(UnavailableError):
-                client.generate("x", num_inference_steps=2)
-            assert server_info(server).stats.rejected_draining == before + 3
+            yield server
             blocker.cancel()
             draining.result(60)
     finally:
         server.close_loop()
+
+
+def test_unavailable_is_retried_up_to_the_limit(checkpoints: dict[str, Path]) -> None:
+    with draining_server(checkpoints) as server:
+        before = server_info(server).stats.rejected_draining
+        policy = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
+        with Client(server.target, timeout=30, retry=policy) as client, pytest.raises(UnavailableError):
+            client.generate("x", num_inference_steps=2)
+        assert server_info(server).stats.rejected_draining == before + 3
 
 
 @contextlib.contextmanager
@@ -160,30 +166,17 @@ def test_nothing_is_retried_after_the_first_event(retry_server: ServerThread) ->
 
 def test_async_client_retries_unavailable_up_to_the_limit(checkpoints: dict[str, Path]) -> None:
     """AsyncClient's own retry loop: every attempt meets a draining server, each is counted there."""
-    settings = Settings(
-        models=(ModelSpec("sd15", str(checkpoints["sd15"])),), host="127.0.0.1", port=0, device="cpu"
-    )
-    server = ServerThread(settings)
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            blocker = pb_grpc.AutoPipelineServiceStub(channel).Generate(LONG)
-            next(e for e in blocker if e.HasField("progress"))
-            draining = asyncio.run_coroutine_threadsafe(server.running.stop(grace=60), server.loop)
-            wait_for(lambda: not server.running.worker.accepting)
-            before = server_info(server).stats.rejected_draining
-            policy = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
+    policy = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
+    with draining_server(checkpoints) as server:
+        before = server_info(server).stats.rejected_draining
 
-            async def attempt() -> None:
-                async with AsyncClient(server.target, timeout=30, retry=policy) as client:
-                    await client.generate("x", num_inference_steps=2)
+        async def attempt() -> None:
+            async with AsyncClient(server.target, timeout=30, retry=policy) as client:
+                await client.generate("x", num_inference_steps=2)
 
-            with pytest.raises(UnavailableError):
-                asyncio.run(attempt())
-            assert server_info(server).stats.rejected_draining == before + 3
-            blocker.cancel()
-            draining.result(60)
-    finally:
-        server.close_loop()
+        with pytest.raises(UnavailableError):
+            asyncio.run(attempt())
+        assert server_info(server).stats.rejected_draining == before + 3
 
 
 def test_async_client_waits_out_a_full_queue(retry_server: ServerThread) -> None:
