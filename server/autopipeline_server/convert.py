@@ -40,7 +40,7 @@ from autopipeline_server.domain import (
     Started,
     Task,
 )
-from autopipeline_server.errors import InvalidRequest, quote
+from autopipeline_server.errors import InvalidRequest, Violations, quote
 from autopipeline_server.pipelines import TaskPipeline
 from autopipeline_server.registry import ModelEntry
 from autopipeline_server.settings import Limits, Settings
@@ -63,20 +63,6 @@ STATES = {
     ModelState.FAILED: pb.MODEL_STATE_FAILED,
     ModelState.EVICTED: pb.MODEL_STATE_EVICTED,
 }
-
-
-class _Violations:
-    """Collects every problem with a request so the caller learns them all at once."""
-
-    def __init__(self) -> None:
-        self.errors: list[InvalidRequest] = []
-
-    def add(self, field: str, description: str, *, reason: str | None = None) -> None:
-        self.errors.append(InvalidRequest.field(field, description, reason=reason))
-
-    def raise_if_any(self) -> None:
-        if self.errors:
-            raise InvalidRequest.combined(self.errors)
 
 
 def value_to_python(value: struct_pb2.Value) -> Any:
@@ -119,7 +105,7 @@ def generation_request(request: pb.GenerateRequest, limits: Limits) -> Generatio
     but not loaded, for `decode_inputs` once the request is admitted. What depends on the model
     (size multiples, arguments its pipeline takes) is `prepare.py`'s.
     """
-    v = _Violations()
+    v = Violations()
     task = TASKS.get(request.task)
     if task is None:
         v.add("task", "must be TASK_TEXT_TO_IMAGE, TASK_IMAGE_TO_IMAGE or TASK_INPAINTING")
@@ -198,12 +184,12 @@ def generation_request(request: pb.GenerateRequest, limits: Limits) -> Generatio
         try:
             image = open_image(request.image.data, field="image", max_pixels=limits.max_input_pixels)
         except InvalidRequest as err:
-            v.errors.append(err)
+            v.caught(err)
     if task is Task.INPAINTING:
         try:
             mask = open_image(request.mask_image.data, field="mask_image", max_pixels=limits.max_input_pixels)
         except InvalidRequest as err:
-            v.errors.append(err)
+            v.caught(err)
     control_image = None
     if request.HasField("control_image"):
         try:
@@ -212,7 +198,7 @@ def generation_request(request: pb.GenerateRequest, limits: Limits) -> Generatio
                 request.control_image.data, field="control_image", max_pixels=limits.max_input_pixels
             )
         except InvalidRequest as err:
-            v.errors.append(err)
+            v.caught(err)
     adapters = _adapter_weights(request, v)
     if image is not None:
         size = oriented_size(image)
@@ -256,7 +242,7 @@ def generation_request(request: pb.GenerateRequest, limits: Limits) -> Generatio
     )
 
 
-def _adapter_weights(request: pb.GenerateRequest, v: _Violations) -> tuple[AdapterWeight, ...]:
+def _adapter_weights(request: pb.GenerateRequest, v: Violations) -> tuple[AdapterWeight, ...]:
     """The request's adapters, each named once with a finite weight (the names are the model's to check)."""
     if len(request.adapters) > MAX_ADAPTERS:
         v.add("adapters", f"names {len(request.adapters)} adapters; the limit is {MAX_ADAPTERS}")

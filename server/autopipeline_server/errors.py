@@ -72,6 +72,32 @@ class InvalidRequest(ServingError):
         )
 
 
+class Violations:
+    """Collects every problem with a request so the caller learns them all at once.
+
+    Errors caught from a check are kept as detached copies, without traceback or cause: their
+    frames (and, through `f_back`, their callers') hold this collector, a reference cycle that kept
+    each request and its image bytes alive until the garbage collector happened to run (measured:
+    3.6 GB retained after 270 refused 30 MB bodies).
+    """
+
+    def __init__(self) -> None:
+        self.errors: list[InvalidRequest] = []
+
+    def add(self, field: str, description: str, *, reason: str | None = None) -> None:
+        self.errors.append(InvalidRequest.field(field, description, reason=reason))
+
+    def caught(self, err: InvalidRequest) -> None:
+        """Keeps what an error a check raised says (call it inside the `except` clause)."""
+        self.errors.append(
+            InvalidRequest(err.message, err.violations, reason=err.reason, metadata=err.metadata)
+        )
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise InvalidRequest.combined(self.errors)
+
+
 class ModelNotFound(ServingError):
     """The request names no served model (NOT_FOUND)."""
 

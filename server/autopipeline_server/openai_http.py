@@ -35,7 +35,7 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server.auth import AUTHORIZATION_KEY
 from autopipeline_server.codecs import decode_image
-from autopipeline_server.errors import InvalidRequest, ServingError, ShuttingDown
+from autopipeline_server.errors import InvalidRequest, ServingError, ShuttingDown, Violations
 from autopipeline_server.settings import Settings
 from autopipeline_server.status import REQUEST_ID_KEY, to_status
 
@@ -271,7 +271,7 @@ def generate_request(
     All problems are reported at once.
     """
     message = pb.GenerateRequest(task=task)
-    errors: list[InvalidRequest] = []
+    problems = Violations()
     for name, raw in values.items():
         try:
             if name not in accepted:
@@ -282,9 +282,8 @@ def generate_request(
                 )
             _apply(message, name, _typed(name, raw, accepted[name], from_text))
         except InvalidRequest as err:
-            errors.append(err)
-    if errors:
-        raise InvalidRequest.combined(errors)
+            problems.caught(err)
+    problems.raise_if_any()
     return message
 
 
