@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import grpc
 import PIL.Image
 import pytest
+import torch
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,7 +26,7 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server.settings import Limits, ModelSpec, Settings
 
-from .support import ServerThread, fault_in_denoiser, png_bytes
+from .support import ServerThread, fault_in_denoiser, png_bytes, wait_for
 
 MiB = 1024 * 1024
 T2I, I2I, INPAINT = pb.TASK_TEXT_TO_IMAGE, pb.TASK_IMAGE_TO_IMAGE, pb.TASK_INPAINTING
@@ -74,6 +76,12 @@ def _fails(stub: pb_grpc.AutoPipelineServiceStub, request: pb.GenerateRequest) -
     with pytest.raises(grpc.RpcError) as caught:
         list(stub.Generate(request, timeout=60))
     return caught.value
+
+
+def _params(values: dict[str, Any]) -> struct_pb2.Struct:
+    params = struct_pb2.Struct()
+    params.update(values)
+    return params
 
 
 def _png(size: tuple[int, int], mode: str = "RGB") -> pb.Image:
@@ -150,6 +158,109 @@ def test_concurrent_rpcs_are_bounded(checkpoints: dict[str, Path]) -> None:
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def _noise_png(size: tuple[int, int]) -> pb.Image:
+    """A PNG that does not compress: its bytes are as large as its pixels."""
+    return pb.Image(data=png_bytes(PIL.Image.effect_noise(size, 128).convert("RGB")))
+
+
+class _Finished(logging.Handler):
+    """Counts access log lines: one is written when an RPC's handler has completely finished."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+def _large_garbage(run: Callable[[], object]) -> list[str]:
+    """What one RPC made by `run` leaves that only the cycle collector would free and that is
+    large (an input's bytes or pixels, a request): with the collector off, such objects stay in
+    memory until it happens to run, which a flood of large bodies outpaces (3.6 GB retained)."""
+    access, finished = logging.getLogger("autopipeline_server.access"), _Finished()
+    level = access.level
+    access.setLevel(logging.INFO)
+    access.addHandler(finished)
+    gc.collect()
+    gc.disable()
+    try:
+        run()
+        wait_for(lambda: finished.count == 1)  # the status can reach the client before the handler ends
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+    finally:
+        gc.set_debug(0)
+        gc.enable()
+        access.removeHandler(finished)
+        access.setLevel(level)
+    garbage, gc.garbage[:] = list(gc.garbage), []
+    large = (
+        f"{type(o).__name__}"
+        for o in garbage
+        if (isinstance(o, (bytes, bytearray)) and len(o) >= 64 * 1024)
+        or isinstance(o, (io.BytesIO, pb.GenerateRequest, pb.Image, PIL.Image.Image, torch.Tensor))
+    )
+    return sorted(large)
+
+
+def _cancelled_after_first_step(stub: pb_grpc.AutoPipelineServiceStub, request: pb.GenerateRequest) -> str:
+    call = stub.Generate(request, timeout=60)
+    for event in call:
+        if event.HasField("progress"):
+            call.cancel()
+    return grpc.StatusCode.CANCELLED.name
+
+
+@pytest.mark.parametrize(
+    ("fields", "outcome"),
+    [
+        ({"task": I2I, "image": pb.Image(data=b"\1" * (256 * 1024))}, "INVALID_ARGUMENT"),
+        ({"task": I2I, "image": _corrupt_png((256, 256))}, "INVALID_ARGUMENT"),
+        ({"task": I2I, "image": _noise_png((256, 256)), "scheduler": "Nope"}, "INVALID_ARGUMENT"),
+        (
+            {"task": I2I, "image": _noise_png((256, 256)), "parameters": _params({"nope": 1})},
+            "INVALID_ARGUMENT",
+        ),
+        ({"task": I2I, "image": _noise_png((256, 256)), "model": "nope"}, "NOT_FOUND"),
+        (
+            {"task": INPAINT, "image": _noise_png((256, 256)), "mask_image": _noise_png((128, 128))},
+            "INVALID_ARGUMENT",
+        ),
+        ({"task": I2I, "image": _noise_png((256, 256))}, "OK"),
+        ({"task": I2I, "image": _noise_png((256, 256)), "num_inference_steps": 8}, "CANCELLED"),
+    ],
+    ids=[
+        "undecodable",
+        "corrupt pixels",
+        "unknown scheduler",
+        "unknown parameter",
+        "unknown model",
+        "mask of another size",
+        "completed",
+        "cancelled",
+    ],
+)
+def test_a_request_leaves_nothing_large_for_the_cycle_collector(
+    stub: pb_grpc.AutoPipelineServiceStub, fields: dict[str, Any], outcome: str
+) -> None:
+    request = pb.GenerateRequest(**{"prompt": "x", "num_inference_steps": 2, "strength": 1.0, **fields})
+    seen: list[str] = []
+
+    def run() -> None:
+        try:
+            if outcome == "CANCELLED":
+                seen.append(_cancelled_after_first_step(stub, request))
+            else:
+                list(stub.Generate(request, timeout=60))
+                seen.append("OK")
+        except grpc.RpcError as err:
+            seen.append(err.code().name)
+
+    assert _large_garbage(run) == []
+    assert seen == [outcome]
+
+
 # ---------------------------------------------------------------------- 2. admission before decoding
 
 
@@ -216,12 +327,6 @@ def stub(checkpoints: dict[str, Path]) -> Iterator[pb_grpc.AutoPipelineServiceSt
         grpc.insecure_channel(server.target) as ch,
     ):
         yield pb_grpc.AutoPipelineServiceStub(ch)
-
-
-def _params(values: dict[str, Any]) -> struct_pb2.Struct:
-    params = struct_pb2.Struct()
-    params.update(values)
-    return params
 
 
 @pytest.mark.parametrize(

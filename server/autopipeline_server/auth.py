@@ -13,7 +13,7 @@ import grpc.aio
 
 from autopipeline_server.errors import Unauthenticated
 from autopipeline_server.observe import current_request
-from autopipeline_server.status import abort
+from autopipeline_server.status import refuse
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +86,17 @@ class BearerTokenInterceptor(_ServerInterceptor):
 def _rejecting(handler: Handler, method: str, message: str) -> Handler:
     """A handler of ``handler``'s kind that ends the call with UNAUTHENTICATED."""
 
-    async def reject(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def reject(context: grpc.aio.ServicerContext[Any, Any]) -> None:
         request_id = current_request().request_id
         log.info("request %s: unauthenticated call to %s from %s", request_id, method, context.peer())
-        await abort(context, Unauthenticated(message), request_id)
+        refuse(context, Unauthenticated(message), request_id)
 
     async def unary(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await reject(context)
+        reject(context)
 
     async def streaming(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-        await reject(context)
+        reject(context)
+        return
         yield  # pragma: no cover  # makes this an async generator, as streaming handlers are
 
     # Request-streaming whatever the method: gRPC then reads no request body before the handler

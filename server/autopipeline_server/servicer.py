@@ -16,18 +16,17 @@ import PIL.Image
 from google.protobuf.message import Message
 
 from autopipeline.v1 import autopipeline_pb2 as pb
-from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server import convert
 from autopipeline_server.admission import Admission, bounded
 from autopipeline_server.calls import PipelineRejected
 from autopipeline_server.codecs import encode_image
 from autopipeline_server.devices import DevicePool
 from autopipeline_server.domain import Finished, GenerationRequest, Preview, Progress, Queued, Started
-from autopipeline_server.errors import ClientTooSlow, InvalidRequest, ServingError
+from autopipeline_server.errors import ClientTooSlow, InvalidRequest
 from autopipeline_server.observe import RequestRecord, current_request
 from autopipeline_server.prepare import PreparedCall, attach_inputs, prepare_call
 from autopipeline_server.settings import Settings
-from autopipeline_server.status import REQUEST_ID_KEY, abort
+from autopipeline_server.status import REQUEST_ID_KEY, abort, refuse
 from autopipeline_server.worker import Arrival, InferenceWorker, Job
 
 log = logging.getLogger(__name__)
@@ -79,6 +78,8 @@ def service_handler(
                 except ClientTooSlow as err:
                     # The status cannot reach a client that reads nothing; the stream ends anyway.
                     await bounded(abort(context, err, request_id), SLOW_ABORT_SECONDS)
+        except Exception as err:  # the request's error (or a bug: INTERNAL); the handler returns
+            refuse(context, err, request_id)
         finally:
             del stream
             release()
@@ -89,7 +90,10 @@ def service_handler(
     ) -> pb.InspectResponse:
         request, release = await admission.receive(context)
         try:
-            return await servicer.Inspect(request, context)
+            return await servicer.Inspect(request)
+        except Exception as err:
+            refuse(context, err, current_request().request_id)
+            return pb.InspectResponse()  # gRPC sends no message with a status other than OK
         finally:
             release()
 
@@ -118,8 +122,12 @@ def _malformed(message: str) -> InvalidRequest:
     return InvalidRequest.field("request", f"is not a valid autopipeline.v1.{message} message")
 
 
-class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
-    """Implements autopipeline.v1.AutoPipelineService on top of the devices' registries and workers."""
+class AutoPipelineServicer:
+    """Implements autopipeline.v1.AutoPipelineService on top of the devices' registries and workers.
+
+    Registered through `service_handler` (not the generated base class): requests arrive through
+    admission, and errors are raised for the handlers to turn into statuses (`status.refuse`).
+    """
 
     def __init__(self, settings: Settings, devices: DevicePool, admission: Admission) -> None:
         self._settings = settings
@@ -155,25 +163,22 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         request_id = record.request_id
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-        try:
-            if request is None:
-                raise _malformed("GenerateRequest")
-            # Only the inputs' headers are read here; their pixels are decoded once admitted, below.
-            # That is cheap enough for the event loop, except a control image, which is decoded
-            # here: then the work goes to a thread.
-            pixels_here = request.HasField("control_image")
-            domain_request = (
-                await asyncio.to_thread(convert.generation_request, request, self._settings.limits)
-                if pixels_here
-                else convert.generation_request(request, self._settings.limits)
-            )
-            request.ClearField("image")  # the opened inputs hold these bytes now
-            request.ClearField("mask_image")
-            converted()
-            replica, entry = self._devices.choose(domain_request.model, domain_request.source)
-            record.model, record.task = entry.spec.name, domain_request.task.value
-        except Exception as err:
-            await abort(context, err, request_id)
+        if request is None:
+            raise _malformed("GenerateRequest")
+        # Only the inputs' headers are read here; their pixels are decoded once admitted, below.
+        # That is cheap enough for the event loop, except a control image, which is decoded
+        # here: then the work goes to a thread.
+        pixels_here = request.HasField("control_image")
+        domain_request = (
+            await asyncio.to_thread(convert.generation_request, request, self._settings.limits)
+            if pixels_here
+            else convert.generation_request(request, self._settings.limits)
+        )
+        request.ClearField("image")  # the opened inputs hold these bytes now
+        request.ClearField("mask_image")
+        converted()
+        replica, entry = self._devices.choose(domain_request.model, domain_request.source)
+        record.model, record.task = entry.spec.name, domain_request.task.value
         if entry.model is None and not entry.pinned:
             # An on-demand model loads first; tell the caller it is waiting, as for the queue.
             depth = replica.worker.queue_depth
@@ -204,10 +209,8 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
             log.info("request %s: the caller went away", request_id)
             raise
         except PipelineRejected as err:
-            rejected = InvalidRequest(f"the pipeline rejected the request: {err}")
-            await abort(context, rejected, request_id)
-        except Exception as err:
-            await abort(context, err, request_id)
+            # Raised without a local name: one would join the error's frames in a reference cycle.
+            raise InvalidRequest(f"the pipeline rejected the request: {err}") from err
 
     async def _run(
         self, worker: InferenceWorker, job: Job, request: pb.GenerateRequest, record: RequestRecord
@@ -261,18 +264,16 @@ class AutoPipelineServicer(pb_grpc.AutoPipelineServiceServicer):
                     num_images=count,
                 )
 
-    async def Inspect(self, request: pb.InspectRequest | None, context: Context) -> pb.InspectResponse:
+    async def Inspect(self, request: pb.InspectRequest | None) -> pb.InspectResponse:
+        """The server and its models (or the one named); raises ServingError for a bad request."""
         if request is None:
-            await abort(context, _malformed("InspectRequest"), current_request().request_id)
+            raise _malformed("InspectRequest")
         registry = self._devices.primary.registry
         entries = list(registry.entries.values())
         if request.model or request.source:
-            try:
-                if request.model and request.source:
-                    raise InvalidRequest.field("source", "names an on-demand source; leave `model` empty")
-                entries = [registry.lookup(request.model, request.source, create=False)]
-            except ServingError as err:
-                await abort(context, err, current_request().request_id)
+            if request.model and request.source:
+                raise InvalidRequest.field("source", "names an on-demand source; leave `model` empty")
+            entries = [registry.lookup(request.model, request.source, create=False)]
         return pb.InspectResponse(
             server=convert.server_info(self._settings, self._devices),
             models=convert.models_info(self._devices, entries, registry.default_model),
