@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/latency.py [--family sd15] [--requests 50] [--steps 4] [--size 64]
 Prints median and p95 wall time for both paths, the overhead the server adds (and served/direct),
-and the time from sending a request to its first event (the `queued` event).
+and the time from sending a request to its first event (the `queued` event). The two paths'
+calls alternate, so a change in the machine's load during the run weighs on both alike.
 
 The server runs as its own process, as in production, and the direct calls run in another child
 process: torch called from two threads of one process keeps two OpenMP pools competing for the
@@ -13,7 +14,6 @@ share the client's GIL.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -35,51 +35,83 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def direct_timings(checkpoint: Path, requests: int, steps: int, size: int) -> list[float]:
-    """Wall times of direct pipeline calls, measured in this (child) process."""
+def direct_worker(checkpoint: Path, steps: int, size: int) -> None:
+    """The child process: loads the pipeline, then runs one call per seed read from stdin and
+    prints each call's wall time (seconds) on its own line."""
     import torch
     from diffusers import AutoPipelineForText2Image
 
     pipe = AutoPipelineForText2Image.from_pretrained(checkpoint, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
-    timings = []
-    for i in range(requests + 1):
+    print("ready", flush=True)
+    for line in sys.stdin:
         started = time.perf_counter()
         pipe(
             "a lighthouse",
             num_inference_steps=steps,
             width=size,
             height=size,
-            generator=torch.Generator("cpu").manual_seed(i),
+            generator=torch.Generator("cpu").manual_seed(int(line)),
             output_type="pil",
         )
-        timings.append(time.perf_counter() - started)
-    return timings[1:]  # the first call warms up
+        print(time.perf_counter() - started, flush=True)
 
 
-def served_timings(checkpoint: Path, requests: int, steps: int, size: int) -> tuple[list[float], list[float]]:
-    """Wall times of requests through a served process, and each one's time to its first event."""
-    timings, first_events = [], []
-    with server_process("--model", f"tiny={checkpoint}") as target, grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.AutoPipelineServiceStub(channel)
-        for i in range(requests + 1):
-            request = pb.GenerateRequest(
-                task=pb.TASK_TEXT_TO_IMAGE,
-                prompt="a lighthouse",
-                num_inference_steps=steps,
-                width=size,
-                height=size,
-                seed=i,
-            )
-            started = time.perf_counter()
-            events = []
-            for event in stub.Generate(request):
-                if not events:
-                    first_events.append(time.perf_counter() - started)
-                events.append(event)
-            timings.append(time.perf_counter() - started)
-            assert events[-1].HasField("completed")
-    return timings[1:], first_events[1:]
+class Direct:
+    """Direct pipeline calls, run one at a time in a child process (see the module docstring)."""
+
+    def __init__(self, checkpoint: Path, steps: int, size: int) -> None:
+        command = [
+            sys.executable,
+            __file__,
+            "--steps",
+            str(steps),
+            "--size",
+            str(size),
+            "--direct-in",
+            str(checkpoint),
+        ]
+        self._child = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        assert self._child.stdin is not None
+        assert self._child.stdout is not None
+        self._stdin, self._stdout = self._child.stdin, self._child.stdout
+        if self._stdout.readline().strip() != "ready":
+            raise RuntimeError("the direct child process did not start")
+
+    def call(self, seed: int) -> float:
+        self._stdin.write(f"{seed}\n")
+        self._stdin.flush()
+        return float(self._stdout.readline())
+
+    def close(self) -> None:
+        self._stdin.close()
+        self._child.wait(60)
+
+
+def served_call(
+    stub: pb_grpc.AutoPipelineServiceStub, seed: int, steps: int, size: int
+) -> tuple[float, float]:
+    """One request's wall time and its time to the first event."""
+    request = pb.GenerateRequest(
+        task=pb.TASK_TEXT_TO_IMAGE,
+        prompt="a lighthouse",
+        num_inference_steps=steps,
+        width=size,
+        height=size,
+        seed=seed,
+    )
+    started = time.perf_counter()
+    first, last = None, None
+    for event in stub.Generate(request):
+        if first is None:
+            first = time.perf_counter() - started
+        last = event
+    assert first is not None
+    assert last is not None
+    assert last.HasField("completed")
+    return time.perf_counter() - started, first
 
 
 def main() -> None:
@@ -93,18 +125,33 @@ def main() -> None:
     parser.add_argument("--direct-in", type=Path, help=argparse.SUPPRESS)  # the child process's mode
     args = parser.parse_args()
     if args.direct_in:
-        print(json.dumps(direct_timings(args.direct_in, args.requests, args.steps, args.size)))
+        direct_worker(args.direct_in, args.steps, args.size)
         return
+    timings: dict[str, list[float]] = {"direct": [], "served": []}
+    first_events: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = build_checkpoint(args.family, Path(tmp) / args.family)
-        child = subprocess.run(
-            [sys.executable, __file__, *sys.argv[1:], "--direct-in", str(checkpoint)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        served, first_events = served_timings(checkpoint, args.requests, args.steps, args.size)
-        timings = {"direct": json.loads(child.stdout.strip().splitlines()[-1]), "served": served}
+        direct = Direct(checkpoint, args.steps, args.size)
+        try:
+            with (
+                server_process("--model", f"tiny={checkpoint}") as target,
+                grpc.insecure_channel(target) as channel,
+            ):
+                stub = pb_grpc.AutoPipelineServiceStub(channel)
+                direct.call(0)  # warms both paths
+                served_call(stub, 0, args.steps, args.size)
+                # Interleaved, alternating which goes first, so the machine's changing load
+                # weighs on both paths alike.
+                for i in range(1, args.requests + 1):
+                    for path in ("direct", "served") if i % 2 else ("served", "direct"):
+                        if path == "direct":
+                            timings["direct"].append(direct.call(i))
+                        else:
+                            wall, first = served_call(stub, i, args.steps, args.size)
+                            timings["served"].append(wall)
+                            first_events.append(first)
+        finally:
+            direct.close()
     print(
         f"{args.family}, {args.size}x{args.size}, {args.steps} steps, {args.requests} requests per path, CPU"
     )
