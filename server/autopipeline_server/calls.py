@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import time
@@ -202,7 +203,7 @@ def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list
         call_hooks = _BatchHooks([(h, len(c.seeds)) for c, h in zip(calls, hooks, strict=True)])
     kwargs["generator"] = [torch.Generator("cpu").manual_seed(seed) for call in calls for seed in call.seeds]
     kwargs["output_type"] = "pil"
-    scheduler = target.schedulers[first.scheduler].from_config(first.model.scheduler_config)
+    scheduler = first.model.new_scheduler(target.schedulers[first.scheduler])
     stages = target.stages
     previewer = None
     hook = latent_hook(pipe, target.named_arguments) if first.preview_interval else None
@@ -212,7 +213,7 @@ def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list
         call_hooks,
         first.preview_interval,
         previewer,
-        expected_total=_expected_steps(target, kwargs, scheduler),
+        expected_total=_expected_steps(first.model, target, kwargs, scheduler),
     )
     if hook == "callback_on_step_end":
         kwargs["callback_on_step_end"] = reporter.on_step_end
@@ -223,7 +224,9 @@ def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list
     pipe.scheduler = scheduler
     if stages:
         prior, decoder = stages
-        prior.scheduler = type(prior.scheduler).from_config(prior.scheduler.config)
+        prior.scheduler = first.model.new_scheduler(
+            type(prior.scheduler), role="prior", config=prior.scheduler.config
+        )
         decoder.scheduler = scheduler
     driven = [pipe, *stages]
     for stage in driven:
@@ -260,7 +263,9 @@ def _timestep_count(scheduler: Any, steps: int) -> int:
     return len(scheduler.timesteps)
 
 
-def _expected_steps(target: TaskPipeline, kwargs: dict[str, Any], scheduler: Any) -> int | None:
+def _expected_steps(
+    model: LoadedModel, target: TaskPipeline, kwargs: dict[str, Any], scheduler: Any
+) -> int | None:
     """The steps of all stages of a combined pipeline (prior + decoder), known before it starts; None
     for a single pipeline, whose bar announces its own total.
 
@@ -273,10 +278,10 @@ def _expected_steps(target: TaskPipeline, kwargs: dict[str, Any], scheduler: Any
     prior_steps = int(
         kwargs.get("prior_num_inference_steps") or target.default_of("prior_num_inference_steps") or 25
     )
-    prior_scheduler = type(prior.scheduler).from_config(prior.scheduler.config)
+    prior_scheduler = model.new_scheduler(type(prior.scheduler), role="prior", config=prior.scheduler.config)
     total = _timestep_count(prior_scheduler, prior_steps)
     steps = int(kwargs["num_inference_steps"])
-    decoder_scheduler = type(scheduler).from_config(scheduler.config)
+    decoder_scheduler = copy.deepcopy(scheduler)
     count = _timestep_count(decoder_scheduler, steps)
     strength = kwargs.get("strength")
     if strength is not None:

@@ -65,7 +65,6 @@ def service_handler(
     """
 
     async def generate(requests: AsyncIterator[pb.GenerateRequest | None], context: Context) -> None:
-
         request, release = await admission.receive(context)
         size = request.ByteSize() if request is not None else 0
         request_id = current_request().request_id

@@ -423,7 +423,6 @@ class InferenceWorker:
             job.started = started
         if self._metrics is not None:  # observability: batch sizes, queue waits, step timings
             hooks = self._metrics.call_started(batch, started, hooks)
-
         try:
             results = await self.run_on_device(run_batch, [job.call for job in batch], hooks)
         except CallCancelled:
