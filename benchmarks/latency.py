@@ -3,7 +3,9 @@
 Usage: python benchmarks/latency.py [--family sd15] [--requests 50] [--steps 4] [--size 64]
 Prints median and p95 wall time for both paths, the overhead the server adds (and served/direct),
 and the time from sending a request to its first event (the `queued` event). The two paths'
-calls alternate, so a change in the machine's load during the run weighs on both alike.
+calls alternate, so a change in the machine's load during the run weighs on both alike. Then the
+same messages one served request received are replayed by a bare grpc.aio server that does no
+other work: the transport floor, what any gRPC server in Python pays for this stream here.
 
 The server runs as its own process, as in production, and the direct calls run in another child
 process: torch called from two threads of one process keeps two OpenMP pools competing for the
@@ -90,10 +92,72 @@ class Direct:
         self._child.wait(60)
 
 
+def replay_server(recorded: Path) -> None:
+    """The child process of the transport floor: a bare grpc.aio server whose Generate answers any
+    request with the recorded messages of one served request, doing nothing else."""
+    import asyncio
+
+    import grpc.aio
+
+    data = recorded.read_bytes()
+    messages, offset = [], 0
+    while offset < len(data):
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        messages.append(pb.GenerateResponse.FromString(data[offset + 4 : offset + 4 + size]))
+        offset += 4 + size
+
+    async def generate(requests: object, context: grpc.aio.ServicerContext[object, object]) -> None:
+        await context.read()
+        await context.send_initial_metadata((("x-request-id", "replay"),))
+        for message in messages:
+            await context.write(message)
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        handler = grpc.stream_stream_rpc_method_handler(
+            generate,
+            request_deserializer=pb.GenerateRequest.FromString,
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        )
+        service = pb.DESCRIPTOR.services_by_name["AutoPipelineService"].full_name
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {"Generate": handler}),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(port, flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def transport_floor(recorded: list[pb.GenerateResponse], requests: int, steps: int, size: int) -> list[float]:
+    """Wall times of requests answered with `recorded` by a bare grpc.aio server (see `replay_server`)."""
+    with tempfile.NamedTemporaryFile(suffix=".bin") as file:
+        for message in recorded:
+            body = message.SerializeToString()
+            file.write(len(body).to_bytes(4, "big") + body)
+        file.flush()
+        command = [sys.executable, __file__, "--replay", file.name]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as child:
+            try:
+                assert child.stdout is not None
+                target = f"127.0.0.1:{int(child.stdout.readline())}"
+                with grpc.insecure_channel(target) as channel:
+                    stub = pb_grpc.AutoPipelineServiceStub(channel)
+                    return [served_call(stub, i, steps, size)[0] for i in range(requests + 1)][1:]
+            finally:
+                child.terminate()
+
+
 def served_call(
-    stub: pb_grpc.AutoPipelineServiceStub, seed: int, steps: int, size: int
+    stub: pb_grpc.AutoPipelineServiceStub,
+    seed: int,
+    steps: int,
+    size: int,
+    events: list[pb.GenerateResponse] | None = None,
 ) -> tuple[float, float]:
-    """One request's wall time and its time to the first event."""
+    """One request's wall time and its time to the first event (its events go to `events`)."""
     request = pb.GenerateRequest(
         task=pb.TASK_TEXT_TO_IMAGE,
         prompt="a lighthouse",
@@ -108,6 +172,8 @@ def served_call(
         if first is None:
             first = time.perf_counter() - started
         last = event
+        if events is not None:
+            events.append(event)
     assert first is not None
     assert last is not None
     assert last.HasField("completed")
@@ -122,10 +188,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--direct-in", type=Path, help=argparse.SUPPRESS)  # the child process's mode
+    parser.add_argument("--direct-in", type=Path, help=argparse.SUPPRESS)  # child processes' modes
+    parser.add_argument("--replay", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.direct_in:
         direct_worker(args.direct_in, args.steps, args.size)
+        return
+    if args.replay:
+        replay_server(args.replay)
         return
     timings: dict[str, list[float]] = {"direct": [], "served": []}
     first_events: list[float] = []
@@ -147,11 +217,13 @@ def main() -> None:
                         if path == "direct":
                             timings["direct"].append(direct.call(i))
                         else:
-                            wall, first = served_call(stub, i, args.steps, args.size)
+                            recorded: list[pb.GenerateResponse] = []
+                            wall, first = served_call(stub, i, args.steps, args.size, recorded)
                             timings["served"].append(wall)
                             first_events.append(first)
         finally:
             direct.close()
+    floor = transport_floor(recorded, args.requests, args.steps, args.size)
     print(
         f"{args.family}, {args.size}x{args.size}, {args.steps} steps, {args.requests} requests per path, CPU"
     )
@@ -163,6 +235,10 @@ def main() -> None:
     overhead = statistics.median(timings["served"]) - statistics.median(timings["direct"])
     ratio = statistics.median(timings["served"]) / statistics.median(timings["direct"])
     print(f"  server overhead (median): {overhead * 1000:.1f} ms; served/direct {ratio:.3f}")
+    print(
+        f"  transport floor: the same {len(recorded)} messages from a bare grpc.aio server that does "
+        f"nothing else: median {statistics.median(floor) * 1000:.2f} ms"
+    )
     print(
         f"  time to first event: median {statistics.median(first_events) * 1000:.2f} ms, "
         f"p95 {percentile(first_events, 0.95) * 1000:.2f} ms"
