@@ -104,7 +104,7 @@ async def load(target: str, clients: int, requests: int, steps: int) -> Run:
                 first = first or now
                 if event.HasField("started"):
                     started = now
-                    run.batch_sizes.append(event.started.batch_size)
+                    run.batch_sizes.append(event.started.batch_images)
                 if event.HasField("completed"):
                     run.images += event.completed.num_images
             done = time.perf_counter()
