@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -19,6 +20,10 @@ ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 DEFAULT_QUALITY = 90
 # zlib level for PNG; Pillow's default is 6. See Settings.png_compress_level for the measurements.
 DEFAULT_PNG_COMPRESS_LEVEL = 1
+# The fast levels use zlib's run-length strategy, which libpng recommends for fast PNG: on filtered
+# rows of photo-like 512x512 images it was 12-37% faster than the default strategy at level 1 and
+# 7-17% smaller (flat synthetic graphics: 4% larger).
+RLE_UP_TO_LEVEL = 3
 
 
 class OutputFormat(Enum):
@@ -140,7 +145,8 @@ def encode_image(
     """Encodes an image; `quality` applies to JPEG and WebP, `png_compress_level` (zlib 0-9) to PNG."""
     buffer = io.BytesIO()
     if fmt is OutputFormat.PNG:
-        image.save(buffer, format="PNG", compress_level=png_compress_level)
+        strategy = zlib.Z_RLE if 1 <= png_compress_level <= RLE_UP_TO_LEVEL else zlib.Z_DEFAULT_STRATEGY
+        image.save(buffer, format="PNG", compress_level=png_compress_level, compress_type=strategy)
     elif fmt is OutputFormat.JPEG:
         image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     else:
