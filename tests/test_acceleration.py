@@ -22,7 +22,7 @@ from autopipeline_server.acceleration import (
 )
 from autopipeline_server.calls import QuietHooks, run_batch, run_call
 from autopipeline_server.domain import GenerationRequest, ModelState, Task
-from autopipeline_server.pipelines import LoadedModel, load_model
+from autopipeline_server.pipelines import LoadedModel, load_model, pin_signatures
 from autopipeline_server.prepare import prepare_call, prepare_with_inputs
 from autopipeline_server.registry import ModelEntry
 from autopipeline_server.settings import ConfigError, ModelSpec, Settings, load_settings
@@ -60,6 +60,7 @@ def compiled(checkpoints: dict[str, Path], cache_dir: Path) -> LoadedModel:
     model = _load(checkpoints["sd15"])
     report = accelerate(model, _plan(cache_dir))
     assert report.error == "", report.error
+    pin_signatures(model)  # as the registry does: compiled graphs see the pinned signatures
     return model
 
 
@@ -67,6 +68,7 @@ def compiled(checkpoints: dict[str, Path], cache_dir: Path) -> LoadedModel:
 def eager(checkpoints: dict[str, Path], cache_dir: Path) -> LoadedModel:
     model = _load(checkpoints["sd15"])
     accelerate(model, _plan(cache_dir, mode="off"))
+    pin_signatures(model)
     return model
 
 

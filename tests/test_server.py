@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 from pathlib import Path
@@ -438,3 +439,20 @@ def test_image_to_image_runs_the_steps_diffusers_runs(
         started = next(e.started for e in call if e.HasField("started"))
         call.cancel()  # only the step count matters here
         assert started.total_steps == total, (strength, steps)
+
+
+def test_signatures_diffusers_derives_on_every_call_are_pinned_and_true(server: ServerThread) -> None:
+    """pipelines.pin_signatures: each attention processor's and scheduler's signature is derived
+    once at load and kept as `__signature__`; it must be what inspect derives itself."""
+    model = server.running.registry.entries["sd15"].model
+    assert model is not None
+    functions = {type(m.processor).__call__ for m in model.base.unet.modules() if hasattr(m, "processor")}
+    functions |= {type(model.base.scheduler).step, type(model.base.scheduler).set_timesteps}
+    assert len(functions) >= 3
+    for function in functions:
+        pinned = function.__dict__["__signature__"]
+        del function.__signature__
+        try:
+            assert inspect.signature(function) == pinned
+        finally:
+            function.__signature__ = pinned

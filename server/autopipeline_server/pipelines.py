@@ -529,5 +529,31 @@ def load_model(spec: ModelSpec, *, dtype: torch.dtype, allow_pickle: bool) -> Lo
     return model
 
 
+def pin_signatures(model: LoadedModel) -> None:
+    """Stores, once, the signatures diffusers derives again on every call.
+
+    `Attention.forward` calls `inspect.signature(self.processor.__call__)` in every attention
+    layer at every step (to warn about unused cross-attention arguments), and pipelines inspect
+    their scheduler's `step` and `set_timesteps` on every call. Deriving a signature takes ~14 us:
+    with 65 attention calls, ~0.9 ms of a 25 ms tiny SD 1.5 call on CPU (measured: 26.2 -> 25.1 ms
+    median). A function's signature never changes, so each one is computed here and kept as its
+    `__signature__`, which `inspect.signature` returns as is. Run after anything that swaps
+    attention processors (fused QKV projections); process-wide, like the classes themselves.
+    """
+    functions: set[Any] = set()
+    for component in model.base.components.values():
+        if isinstance(component, torch.nn.Module):
+            for module in component.modules():
+                processor = getattr(module, "processor", None)
+                if processor is not None and callable(processor):
+                    functions.add(type(processor).__call__)
+    for target in model.tasks.values():
+        for scheduler in target.schedulers.values():
+            functions.update((scheduler.step, scheduler.set_timesteps))
+    for function in functions:
+        if inspect.isfunction(function) and "__signature__" not in function.__dict__:
+            function.__signature__ = inspect.signature(function)  # type: ignore[attr-defined]
+
+
 def _task_order(item: tuple[Task, Any]) -> int:
     return list(Task).index(item[0])

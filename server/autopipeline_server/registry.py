@@ -27,7 +27,7 @@ from autopipeline_server.errors import (
     ModelUnavailable,
     ServingError,
 )
-from autopipeline_server.pipelines import LoadedModel, load_model, resolve_dtype
+from autopipeline_server.pipelines import LoadedModel, load_model, pin_signatures, resolve_dtype
 from autopipeline_server.settings import HUB_ID, ModelSpec, Settings
 from autopipeline_server.worker import InferenceWorker
 
@@ -263,6 +263,7 @@ class ModelRegistry:
                 warm_up(model)
             # Compiles (and captures) the declared shapes before the model is READY.
             accelerate(model, plan)
+            pin_signatures(model)  # after accelerate: fused QKV projections swap processors
 
         plan = self.acceleration
 
