@@ -78,6 +78,8 @@ def service_handler(
                 except ClientTooSlow as err:
                     # The status cannot reach a client that reads nothing; the stream ends anyway.
                     await bounded(abort(context, err, request_id), SLOW_ABORT_SECONDS)
+        except grpc.aio.AbortError:
+            raise  # a slow reader's stream, ended above: its status is sent already
         except Exception as err:  # the request's error (or a bug: INTERNAL); the handler returns
             refuse(context, err, request_id)
         finally:
