@@ -181,11 +181,10 @@ class AutoPipelineServicer:
         converted()
         replica, entry = self._devices.choose(domain_request.model, domain_request.source)
         record.model, record.task = entry.spec.name, domain_request.task.value
-        announced = None  # the queue position this caller was last told
         if entry.model is None and not entry.pinned:
             # An on-demand model loads first; tell the caller it is waiting, as for the queue.
-            announced = replica.worker.queue_depth
-            yield convert.queued_event(Queued(position=announced, depth=announced + 1))
+            depth = replica.worker.queue_depth
+            yield convert.queued_event(Queued(position=depth, depth=depth + 1))
         try:
             async with replica.registry.lease(entry) as model:
                 # Pixel-free, so on the loop; a control image is resized in it, so in a thread.
@@ -198,17 +197,11 @@ class AutoPipelineServicer:
                 # input pixels are reserved, and only then are the inputs decoded.
                 with self._admission.hold_pixels(convert.input_pixels(domain_request)):
                     with replica.worker.reserve():
-                        # The first event is written before the job exists: on an idle server
-                        # the call would start at once and delay it (measured: time to first
-                        # event 2.7 -> 1.4 ms median, benchmarks/latency.py).
-                        if announced != (position := replica.worker.queue_depth):
-                            announced = position
-                            yield convert.queued_event(Queued(position=position, depth=position + 1))
                         if domain_request.image is not None:
                             await self._admission.decode(
                                 functools.partial(_decode_into, call, domain_request)
                             )
-                        job = record.job = replica.worker.submit(call, reserved=True, announced=announced)
+                        job = record.job = replica.worker.submit(call, reserved=True)
                     for arrival in arrivals:
                         arrival.close()
                     del domain_request

@@ -264,17 +264,14 @@ class InferenceWorker:
         finally:
             self._reserved -= 1
 
-    def submit(self, call: PreparedCall, *, reserved: bool = False, announced: int | None = None) -> Job:
+    def submit(self, call: PreparedCall, *, reserved: bool = False) -> Job:
         """Queues a call; raises QueueFull or ShuttingDown at once instead of waiting.
 
         `reserved`: the caller holds a place from `reserve`, so the queue has room for it.
-        `announced`: the queue position the caller already told its client; the job's `Queued`
-        events start with the first position that differs.
         """
         if not reserved or not self._accepting:
             self._admit()
         job = Job(call, asyncio.get_running_loop())
-        job.last_position = announced
         self.stats.submitted += 1
         self._pending.append(job)
         self._idle.clear()
