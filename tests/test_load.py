@@ -174,24 +174,39 @@ class _Finished(logging.Handler):
         self.count += 1
 
 
-def _large_garbage(run: Callable[[], object]) -> list[str]:
-    """What one RPC made by `run` leaves that only the cycle collector would free and that is
-    large (an input's bytes or pixels, a request): with the collector off, such objects stay in
+class _TracebackAsText(logging.Filter):
+    """Keeps a logged error's traceback as text only, as a QueueHandler does: pytest keeps the
+    records of a test, and one holding the error would keep whatever cycle it is part of from being
+    garbage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return True
+
+
+def _large_garbage(run: Callable[[], object], rpcs: int = 1) -> list[str]:
+    """What the `rpcs` RPCs made by `run` leave that only the cycle collector would free and that
+    is large (an input's bytes or pixels, a request): with the collector off, such objects stay in
     memory until it happens to run, which a flood of large bodies outpaces (3.6 GB retained)."""
     access, finished = logging.getLogger("autopipeline_server.access"), _Finished()
     level = access.level
     access.setLevel(logging.INFO)
     access.addHandler(finished)
+    internal, as_text = logging.getLogger("autopipeline_server.status"), _TracebackAsText()
+    internal.addFilter(as_text)
     gc.collect()
     gc.disable()
     try:
         run()
-        wait_for(lambda: finished.count == 1)  # the status can reach the client before the handler ends
+        wait_for(lambda: finished.count == rpcs)  # the status can reach the client before the handler ends
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
     finally:
         gc.set_debug(0)
         gc.enable()
+        internal.removeFilter(as_text)
         access.removeHandler(finished)
         access.setLevel(level)
     garbage, gc.garbage[:] = list(gc.garbage), []
@@ -261,6 +276,87 @@ def test_a_request_leaves_nothing_large_for_the_cycle_collector(
     assert seen == [outcome]
 
 
+def _raising(error: Callable[[], BaseException]) -> Callable[[int], None]:
+    """A denoiser fault that raises a new `error()` from the call's first forward pass."""
+
+    def fault(step: int) -> None:
+        raise error()
+
+    return fault
+
+
+def _device_thread_moved_on(server: ServerThread) -> None:
+    """Returns once the device thread has let go of its last call (and the error that call raised,
+    until then kept by the thread's work item): a cycle through it is garbage only from then on."""
+    server.call(server.running.worker.run_on_device(lambda: None))
+
+
+def _fake_cuda_oom() -> BaseException:  # a CPU cannot run out of CUDA memory; fake it mid-call
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (fake)")
+
+
+def _i2i(**fields: Any) -> pb.GenerateRequest:
+    """An image-to-image request: its input is large (bytes, then pixels, then tensors), so a
+    cycle through the request's frames would keep something the test sees."""
+    return pb.GenerateRequest(
+        task=I2I, prompt="x", num_inference_steps=2, strength=1.0, image=_noise_png((256, 256)), **fields
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (lambda: RuntimeError("a bug inside the pipeline call"), "INTERNAL"),
+        (_fake_cuda_oom, "RESOURCE_EXHAUSTED"),
+        (lambda: ValueError("the pipeline's own input checks"), "INVALID_ARGUMENT"),
+    ],
+    ids=["pipeline failed", "out of memory", "pipeline rejected"],
+)
+def test_a_failed_call_leaves_nothing_large_for_the_cycle_collector(
+    limited: ServerThread,
+    stub: pb_grpc.AutoPipelineServiceStub,
+    error: Callable[[], BaseException],
+    outcome: str,
+) -> None:
+    request = _i2i()
+    seen: list[str] = []
+
+    def run() -> None:
+        with fault_in_denoiser(limited, "sd15", _raising(error)):
+            try:
+                list(stub.Generate(request, timeout=60))
+            except grpc.RpcError as err:
+                seen.append(err.code().name)
+        _device_thread_moved_on(limited)
+
+    assert _large_garbage(run) == []
+    assert seen == [outcome]
+
+
+def test_a_deadline_passed_in_the_queue_leaves_nothing_large_for_the_cycle_collector(
+    limited: ServerThread, stub: pb_grpc.AutoPipelineServiceStub
+) -> None:
+    first, second = _i2i(), _i2i()
+    seen: list[str] = []
+    worker = limited.running.worker
+    cancelled_queued = worker.stats.cancelled_queued
+
+    def run() -> None:
+        # The first request holds the device (stuck in its first step) until the second's deadline
+        # has passed in the queue; then it is released and completes.
+        with _stuck_call(limited, first):
+            call = stub.Generate(second, timeout=2)
+            try:
+                for event in call:
+                    seen.append(str(event.WhichOneof("event")))
+            except grpc.RpcError as err:
+                seen.append(err.code().name)
+
+    assert _large_garbage(run, rpcs=2) == []
+    assert seen == ["queued", "DEADLINE_EXCEEDED"]
+    assert worker.stats.cancelled_queued == cancelled_queued + 1  # it reached the queue in time
+
+
 # ---------------------------------------------------------------------- 2. admission before decoding
 
 
@@ -320,12 +416,15 @@ def test_input_pixels_in_flight_are_bounded(busy_server: ServerThread) -> None:
 
 
 @pytest.fixture(scope="module")
-def stub(checkpoints: dict[str, Path]) -> Iterator[pb_grpc.AutoPipelineServiceStub]:
+def limited(checkpoints: dict[str, Path]) -> Iterator[ServerThread]:
     limits = Limits(max_width=256, max_height=256, max_num_inference_steps=20)
-    with (
-        _serving(_settings(checkpoints, limits=limits)) as server,
-        grpc.insecure_channel(server.target) as ch,
-    ):
+    with _serving(_settings(checkpoints, limits=limits)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stub(limited: ServerThread) -> Iterator[pb_grpc.AutoPipelineServiceStub]:
+    with grpc.insecure_channel(limited.target) as ch:
         yield pb_grpc.AutoPipelineServiceStub(ch)
 
 

@@ -99,7 +99,14 @@ class Job:
         while True:
             item = await self._events.get()
             if isinstance(item, _Failed):
-                raise item.error
+                try:
+                    raise item.error
+                finally:
+                    # The error's traceback holds this frame: `item` would lead back to the error,
+                    # a reference cycle that, through the traceback's other frames, held the
+                    # request, its input image and the pipeline's tensors until the garbage
+                    # collector happened to run.
+                    del item
             yield item
             if isinstance(item, Finished):
                 return
