@@ -25,6 +25,7 @@ from autopipeline import ResourceExhaustedError, RetryPolicy
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server.settings import Limits, ModelSpec, Settings
+from autopipeline_server.worker import Job
 
 from .support import ServerThread, fault_in_denoiser, png_bytes, wait_for
 
@@ -186,10 +187,13 @@ class _TracebackAsText(logging.Filter):
         return True
 
 
-def _large_garbage(run: Callable[[], object], rpcs: int = 1) -> list[str]:
+def _large_garbage(
+    run: Callable[[], object], rpcs: int = 1, then: Callable[[], object] = lambda: None
+) -> list[str]:
     """What the `rpcs` RPCs made by `run` leave that only the cycle collector would free and that
     is large (an input's bytes or pixels, a request): with the collector off, such objects stay in
-    memory until it happens to run, which a flood of large bodies outpaces (3.6 GB retained)."""
+    memory until it happens to run, which a flood of large bodies outpaces (3.6 GB retained).
+    `then` runs once their handlers have finished (to let a call their callers left go on)."""
     access, finished = logging.getLogger("autopipeline_server.access"), _Finished()
     level = access.level
     access.setLevel(logging.INFO)
@@ -201,6 +205,7 @@ def _large_garbage(run: Callable[[], object], rpcs: int = 1) -> list[str]:
     try:
         run()
         wait_for(lambda: finished.count == rpcs)  # the status can reach the client before the handler ends
+        then()
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
     finally:
@@ -331,6 +336,44 @@ def test_a_failed_call_leaves_nothing_large_for_the_cycle_collector(
 
     assert _large_garbage(run) == []
     assert seen == [outcome]
+
+
+def test_a_call_failing_after_its_caller_left_leaves_nothing_large_for_the_cycle_collector(
+    limited: ServerThread, stub: pb_grpc.AutoPipelineServiceStub
+) -> None:
+    request, stuck = _i2i(), Stuck()
+    seen: list[str] = []
+    worker = limited.running.worker
+    failed = worker.stats.failed
+
+    def fault(forward_pass: int) -> None:  # the first is stuck until the caller has gone, then fails
+        if forward_pass == 1:
+            stuck(forward_pass)
+            raise RuntimeError("a bug inside a call whose caller went away")
+
+    def run() -> None:
+        call = stub.Generate(request, timeout=60)
+        assert stuck.entered.wait(60)
+        call.cancel()
+        seen.append(call.code().name)
+
+    def then() -> None:
+        # Nobody reads the job's events any more: the error stays in its queue.
+        stuck.release.set()
+        wait_for(lambda: worker.stats.failed == failed + 1)
+        _device_thread_moved_on(limited)
+
+    with fault_in_denoiser(limited, "sd15", fault):
+        try:
+            assert _large_garbage(run, then=then) == []
+        finally:
+            stuck.release.set()
+    assert seen == ["CANCELLED"]
+    gc.collect()
+    model = limited.running.registry.entries["sd15"].model
+    assert not [o for o in gc.get_objects() if type(o) is Job and o.call.model is model], (
+        "an idle worker holds nothing of its last batch"
+    )
 
 
 def test_a_deadline_passed_in_the_queue_leaves_nothing_large_for_the_cycle_collector(

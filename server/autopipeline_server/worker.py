@@ -9,6 +9,7 @@ import functools
 import logging
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,27 @@ MAX_RETRY_HINT = 30.0
 @dataclass(frozen=True)
 class _Failed:
     error: BaseException
+
+
+def _without_locals(error: BaseException) -> BaseException:
+    """A failed call's error, for its jobs' queues: its traceback still says where the call failed
+    (for the log), but no frame it passed through keeps its locals.
+
+    Those frames (`_execute`'s, the device thread's, the pipeline's) hold the batch's jobs (`batch`,
+    the hooks), and each job's queue holds the error: a reference cycle wherever nobody reads the
+    queue (its caller went away while the call was failing), which kept the call's input images
+    and the pipeline's tensors until the garbage collector happened to run. The catching frame
+    (`_execute`, still running, so it cannot be cleared) is left out of the traceback.
+    """
+    head = error.__traceback__
+    error.__traceback__ = head.tb_next if head is not None else None
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:  # and the errors it was raised from
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
+    return error
 
 
 @dataclass
@@ -400,23 +422,28 @@ class InferenceWorker:
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # A forming batch counts as running, so drain() does not see an idle worker meanwhile.
-            batch = [self._pending.popleft()]
-            self._running = batch
+            # In a coroutine of its own, whose locals go when it returns: an idle worker holds
+            # nothing of its last batch (the jobs, their calls, the error in a queue nobody reads).
+            await self._run_next_batch()
+
+    async def _run_next_batch(self) -> None:
+        # A forming batch counts as running, so drain() does not see an idle worker meanwhile.
+        batch = [self._pending.popleft()]
+        self._running = batch
+        self._announce_positions()
+        try:
+            await self._fill(batch)
             self._announce_positions()
-            try:
-                await self._fill(batch)
-                self._announce_positions()
-                await self._execute(batch)
-            finally:
-                finished = time.perf_counter()
-                for job in batch:
-                    job.done = True
-                    if job.started is not None:
-                        job.finished = finished
-                    job.call.release_inputs()
-                self._running = []
-                self._update_idle()
+            await self._execute(batch)
+        finally:
+            finished = time.perf_counter()
+            for job in batch:
+                job.done = True
+                if job.started is not None:
+                    job.finished = finished
+                job.call.release_inputs()
+            self._running = []
+            self._update_idle()
 
     async def _execute(self, batch: list[Job]) -> None:
         started = time.perf_counter()
@@ -442,8 +469,9 @@ class InferenceWorker:
             return
         except Exception as err:  # the call's failure is its requests', never the worker's
             self.stats.failed += len(batch)
+            failure = _Failed(_without_locals(err))
             for job in batch:
-                job.emit(_Failed(err))
+                job.emit(failure)
             return
         finished = time.perf_counter()
         self._record_call(finished - started)
