@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import io
@@ -398,6 +399,36 @@ def test_a_deadline_passed_in_the_queue_leaves_nothing_large_for_the_cycle_colle
     assert _large_garbage(run, rpcs=2) == []
     assert seen == ["queued", "DEADLINE_EXCEEDED"]
     assert worker.stats.cancelled_queued == cancelled_queued + 1  # it reached the queue in time
+
+
+def test_requests_ended_by_a_shutdown_leave_nothing_large_for_the_cycle_collector(
+    checkpoints: dict[str, Path],
+) -> None:
+    first, second = _i2i(), _i2i()
+    seen: list[str] = []
+    server = ServerThread(_settings(checkpoints))
+    worker = server.running.worker
+
+    def run() -> None:
+        # One request running (stuck in its first step) and one queued when draining gives up on
+        # them: each ends with the ShuttingDown error its job was cancelled with.
+        with _stuck_call(server, first), grpc.insecure_channel(server.target) as channel:
+            queued = pb_grpc.AutoPipelineServiceStub(channel).Generate(second, timeout=60)
+            assert next(queued).HasField("queued")
+            wait_for(lambda: worker.queue_depth == 1)
+            drained = asyncio.run_coroutine_threadsafe(worker.drain(0, stuck_after=60), server.loop)
+            try:
+                list(queued)
+            except grpc.RpcError as err:
+                seen.append(err.code().name)
+        assert drained.result(60)
+        _device_thread_moved_on(server)
+
+    try:
+        assert _large_garbage(run, rpcs=2) == []
+    finally:
+        server.stop(grace=1)
+    assert seen == ["UNAVAILABLE"]
 
 
 # ---------------------------------------------------------------------- 2. admission before decoding

@@ -91,7 +91,7 @@ class Job:
         self._loop = loop
         self._events: asyncio.Queue[Event | _Failed] = asyncio.Queue()
         self._cancel = threading.Event()
-        self.cancel_reason: ServingError = RequestCancelled("cancelled while running")
+        self._cancel_reason: ServingError | None = None
         self.done = False
         self.last_position: int | None = None
 
@@ -113,8 +113,16 @@ class Job:
 
     def cancel(self, reason: ServingError | None = None) -> None:
         if reason is not None:
-            self.cancel_reason = reason
+            self._cancel_reason = reason
         self._cancel.set()
+
+    def end_cancelled(self) -> None:
+        """Ends the job's events with the error it was cancelled with, which the job lets go of:
+        its handler's frames hold the job, and the error's traceback will hold those frames (a
+        reference cycle, which kept each such request until the garbage collector happened to run).
+        """
+        reason, self._cancel_reason = self._cancel_reason, None
+        self.emit(_Failed(reason or RequestCancelled("cancelled while running")))
 
     async def events(self) -> AsyncIterator[Event]:
         """Yields the job's events until `Finished`; raises the error the job failed with."""
@@ -324,7 +332,7 @@ class InferenceWorker:
         job.call.release_inputs()
         self.stats.cancelled_queued += 1
         if reason is not None:
-            job.emit(_Failed(reason))
+            job.end_cancelled()
         self._announce_positions()
         self._update_idle()
 
@@ -342,9 +350,11 @@ class InferenceWorker:
             log.warning(
                 "grace period of %.1fs ended; cancelling %d jobs", grace, self.queue_depth + self.running
             )
-        reason = ShuttingDown("the server shut down before this request finished; retry elsewhere")
         for job in [*self._pending, *self._running]:
-            self.cancel(job, reason)
+            # An error of its own each: one raised by several handlers would carry all their frames.
+            self.cancel(
+                job, ShuttingDown("the server shut down before this request finished; retry elsewhere")
+            )
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=stuck_after)
             return True
@@ -463,7 +473,7 @@ class InferenceWorker:
             self._record_call(time.perf_counter() - started)
             for job in batch:
                 self.stats.cancelled_running += 1
-                job.emit(_Failed(job.cancel_reason))
+                job.end_cancelled()
             call = batch[0].call
             log.info("cancelled a running %s call on %s", call.target.task.value, call.model.spec.name)
             return
@@ -478,7 +488,7 @@ class InferenceWorker:
         for job, images in zip(batch, results, strict=True):
             if job.cancelled():
                 self.stats.cancelled_running += 1
-                job.emit(_Failed(job.cancel_reason))
+                job.end_cancelled()
                 continue
             self.stats.completed += 1
             job.emit(
