@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import io
@@ -25,6 +26,7 @@ from autopipeline import ResourceExhaustedError, RetryPolicy
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server.settings import Limits, ModelSpec, Settings
+from autopipeline_server.worker import Job
 
 from .support import ServerThread, fault_in_denoiser, png_bytes, wait_for
 
@@ -174,24 +176,43 @@ class _Finished(logging.Handler):
         self.count += 1
 
 
-def _large_garbage(run: Callable[[], object]) -> list[str]:
-    """What one RPC made by `run` leaves that only the cycle collector would free and that is
-    large (an input's bytes or pixels, a request): with the collector off, such objects stay in
-    memory until it happens to run, which a flood of large bodies outpaces (3.6 GB retained)."""
+class _TracebackAsText(logging.Filter):
+    """Keeps a logged error's traceback as text only, as a QueueHandler does: pytest keeps the
+    records of a test, and one holding the error would keep whatever cycle it is part of from being
+    garbage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return True
+
+
+def _large_garbage(
+    run: Callable[[], object], rpcs: int = 1, then: Callable[[], object] = lambda: None
+) -> list[str]:
+    """What the `rpcs` RPCs made by `run` leave that only the cycle collector would free and that
+    is large (an input's bytes or pixels, a request): with the collector off, such objects stay in
+    memory until it happens to run, which a flood of large bodies outpaces (3.6 GB retained).
+    `then` runs once their handlers have finished (to let a call their callers left go on)."""
     access, finished = logging.getLogger("autopipeline_server.access"), _Finished()
     level = access.level
     access.setLevel(logging.INFO)
     access.addHandler(finished)
+    internal, as_text = logging.getLogger("autopipeline_server.status"), _TracebackAsText()
+    internal.addFilter(as_text)
     gc.collect()
     gc.disable()
     try:
         run()
-        wait_for(lambda: finished.count == 1)  # the status can reach the client before the handler ends
+        wait_for(lambda: finished.count == rpcs)  # the status can reach the client before the handler ends
+        then()
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
     finally:
         gc.set_debug(0)
         gc.enable()
+        internal.removeFilter(as_text)
         access.removeHandler(finished)
         access.setLevel(level)
     garbage, gc.garbage[:] = list(gc.garbage), []
@@ -261,6 +282,155 @@ def test_a_request_leaves_nothing_large_for_the_cycle_collector(
     assert seen == [outcome]
 
 
+def _raising(error: Callable[[], BaseException]) -> Callable[[int], None]:
+    """A denoiser fault that raises a new `error()` from the call's first forward pass."""
+
+    def fault(step: int) -> None:
+        raise error()
+
+    return fault
+
+
+def _device_thread_moved_on(server: ServerThread) -> None:
+    """Returns once the device thread has let go of its last call (and the error that call raised,
+    until then kept by the thread's work item): a cycle through it is garbage only from then on."""
+    server.call(server.running.worker.run_on_device(lambda: None))
+
+
+def _fake_cuda_oom() -> BaseException:  # a CPU cannot run out of CUDA memory; fake it mid-call
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (fake)")
+
+
+def _i2i(**fields: Any) -> pb.GenerateRequest:
+    """An image-to-image request: its input is large (bytes, then pixels, then tensors), so a
+    cycle through the request's frames would keep something the test sees."""
+    return pb.GenerateRequest(
+        task=I2I, prompt="x", num_inference_steps=2, strength=1.0, image=_noise_png((256, 256)), **fields
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (lambda: RuntimeError("a bug inside the pipeline call"), "INTERNAL"),
+        (_fake_cuda_oom, "RESOURCE_EXHAUSTED"),
+        (lambda: ValueError("the pipeline's own input checks"), "INVALID_ARGUMENT"),
+    ],
+    ids=["pipeline failed", "out of memory", "pipeline rejected"],
+)
+def test_a_failed_call_leaves_nothing_large_for_the_cycle_collector(
+    limited: ServerThread,
+    stub: pb_grpc.AutoPipelineServiceStub,
+    error: Callable[[], BaseException],
+    outcome: str,
+) -> None:
+    request = _i2i()
+    seen: list[str] = []
+
+    def run() -> None:
+        with fault_in_denoiser(limited, "sd15", _raising(error)):
+            try:
+                list(stub.Generate(request, timeout=60))
+            except grpc.RpcError as err:
+                seen.append(err.code().name)
+        _device_thread_moved_on(limited)
+
+    assert _large_garbage(run) == []
+    assert seen == [outcome]
+
+
+def test_a_call_failing_after_its_caller_left_leaves_nothing_large_for_the_cycle_collector(
+    limited: ServerThread, stub: pb_grpc.AutoPipelineServiceStub
+) -> None:
+    request, stuck = _i2i(), Stuck()
+    seen: list[str] = []
+    worker = limited.running.worker
+    failed = worker.stats.failed
+
+    def fault(forward_pass: int) -> None:  # the first is stuck until the caller has gone, then fails
+        if forward_pass == 1:
+            stuck(forward_pass)
+            raise RuntimeError("a bug inside a call whose caller went away")
+
+    def run() -> None:
+        call = stub.Generate(request, timeout=60)
+        assert stuck.entered.wait(60)
+        call.cancel()
+        seen.append(call.code().name)
+
+    def then() -> None:
+        # Nobody reads the job's events any more: the error stays in its queue.
+        stuck.release.set()
+        wait_for(lambda: worker.stats.failed == failed + 1)
+        _device_thread_moved_on(limited)
+
+    with fault_in_denoiser(limited, "sd15", fault):
+        try:
+            assert _large_garbage(run, then=then) == []
+        finally:
+            stuck.release.set()
+    assert seen == ["CANCELLED"]
+    gc.collect()
+    model = limited.running.registry.entries["sd15"].model
+    assert not [o for o in gc.get_objects() if type(o) is Job and o.call.model is model], (
+        "an idle worker holds nothing of its last batch"
+    )
+
+
+def test_a_deadline_passed_in_the_queue_leaves_nothing_large_for_the_cycle_collector(
+    limited: ServerThread, stub: pb_grpc.AutoPipelineServiceStub
+) -> None:
+    first, second = _i2i(), _i2i()
+    seen: list[str] = []
+    worker = limited.running.worker
+    cancelled_queued = worker.stats.cancelled_queued
+
+    def run() -> None:
+        # The first request holds the device (stuck in its first step) until the second's deadline
+        # has passed in the queue; then it is released and completes.
+        with _stuck_call(limited, first):
+            call = stub.Generate(second, timeout=2)
+            try:
+                for event in call:
+                    seen.append(str(event.WhichOneof("event")))
+            except grpc.RpcError as err:
+                seen.append(err.code().name)
+
+    assert _large_garbage(run, rpcs=2) == []
+    assert seen == ["queued", "DEADLINE_EXCEEDED"]
+    assert worker.stats.cancelled_queued == cancelled_queued + 1  # it reached the queue in time
+
+
+def test_requests_ended_by_a_shutdown_leave_nothing_large_for_the_cycle_collector(
+    checkpoints: dict[str, Path],
+) -> None:
+    first, second = _i2i(), _i2i()
+    seen: list[str] = []
+    server = ServerThread(_settings(checkpoints))
+    worker = server.running.worker
+
+    def run() -> None:
+        # One request running (stuck in its first step) and one queued when draining gives up on
+        # them: each ends with the ShuttingDown error its job was cancelled with.
+        with _stuck_call(server, first), grpc.insecure_channel(server.target) as channel:
+            queued = pb_grpc.AutoPipelineServiceStub(channel).Generate(second, timeout=60)
+            assert next(queued).HasField("queued")
+            wait_for(lambda: worker.queue_depth == 1)
+            drained = asyncio.run_coroutine_threadsafe(worker.drain(0, stuck_after=60), server.loop)
+            try:
+                list(queued)
+            except grpc.RpcError as err:
+                seen.append(err.code().name)
+        assert drained.result(60)
+        _device_thread_moved_on(server)
+
+    try:
+        assert _large_garbage(run, rpcs=2) == []
+    finally:
+        server.stop(grace=1)
+    assert seen == ["UNAVAILABLE"]
+
+
 # ---------------------------------------------------------------------- 2. admission before decoding
 
 
@@ -320,12 +490,15 @@ def test_input_pixels_in_flight_are_bounded(busy_server: ServerThread) -> None:
 
 
 @pytest.fixture(scope="module")
-def stub(checkpoints: dict[str, Path]) -> Iterator[pb_grpc.AutoPipelineServiceStub]:
+def limited(checkpoints: dict[str, Path]) -> Iterator[ServerThread]:
     limits = Limits(max_width=256, max_height=256, max_num_inference_steps=20)
-    with (
-        _serving(_settings(checkpoints, limits=limits)) as server,
-        grpc.insecure_channel(server.target) as ch,
-    ):
+    with _serving(_settings(checkpoints, limits=limits)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stub(limited: ServerThread) -> Iterator[pb_grpc.AutoPipelineServiceStub]:
+    with grpc.insecure_channel(limited.target) as ch:
         yield pb_grpc.AutoPipelineServiceStub(ch)
 
 

@@ -9,6 +9,7 @@ import functools
 import logging
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,27 @@ MAX_RETRY_HINT = 30.0
 @dataclass(frozen=True)
 class _Failed:
     error: BaseException
+
+
+def _without_locals(error: BaseException) -> BaseException:
+    """A failed call's error, for its jobs' queues: its traceback still says where the call failed
+    (for the log), but no frame it passed through keeps its locals.
+
+    Those frames (`_execute`'s, the device thread's, the pipeline's) hold the batch's jobs (`batch`,
+    the hooks), and each job's queue holds the error: a reference cycle wherever nobody reads the
+    queue (its caller went away while the call was failing), which kept the call's input images
+    and the pipeline's tensors until the garbage collector happened to run. The catching frame
+    (`_execute`, still running, so it cannot be cleared) is left out of the traceback.
+    """
+    head = error.__traceback__
+    error.__traceback__ = head.tb_next if head is not None else None
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:  # and the errors it was raised from
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
+    return error
 
 
 @dataclass
@@ -69,7 +91,7 @@ class Job:
         self._loop = loop
         self._events: asyncio.Queue[Event | _Failed] = asyncio.Queue()
         self._cancel = threading.Event()
-        self.cancel_reason: ServingError = RequestCancelled("cancelled while running")
+        self._cancel_reason: ServingError | None = None
         self.done = False
         self.last_position: int | None = None
 
@@ -91,15 +113,30 @@ class Job:
 
     def cancel(self, reason: ServingError | None = None) -> None:
         if reason is not None:
-            self.cancel_reason = reason
+            self._cancel_reason = reason
         self._cancel.set()
+
+    def end_cancelled(self) -> None:
+        """Ends the job's events with the error it was cancelled with, which the job lets go of:
+        its handler's frames hold the job, and the error's traceback will hold those frames (a
+        reference cycle, which kept each such request until the garbage collector happened to run).
+        """
+        reason, self._cancel_reason = self._cancel_reason, None
+        self.emit(_Failed(reason or RequestCancelled("cancelled while running")))
 
     async def events(self) -> AsyncIterator[Event]:
         """Yields the job's events until `Finished`; raises the error the job failed with."""
         while True:
             item = await self._events.get()
             if isinstance(item, _Failed):
-                raise item.error
+                try:
+                    raise item.error
+                finally:
+                    # The error's traceback holds this frame: `item` would lead back to the error,
+                    # a reference cycle that, through the traceback's other frames, held the
+                    # request, its input image and the pipeline's tensors until the garbage
+                    # collector happened to run.
+                    del item
             yield item
             if isinstance(item, Finished):
                 return
@@ -292,7 +329,7 @@ class InferenceWorker:
         job.call.release_inputs()
         self.stats.cancelled_queued += 1
         if reason is not None:
-            job.emit(_Failed(reason))
+            job.end_cancelled()
         self._announce_positions()
         self._update_idle()
 
@@ -310,9 +347,11 @@ class InferenceWorker:
             log.warning(
                 "grace period of %.1fs ended; cancelling %d jobs", grace, self.queue_depth + self.running
             )
-        reason = ShuttingDown("the server shut down before this request finished; retry elsewhere")
         for job in [*self._pending, *self._running]:
-            self.cancel(job, reason)
+            # An error of its own each: one raised by several handlers would carry all their frames.
+            self.cancel(
+                job, ShuttingDown("the server shut down before this request finished; retry elsewhere")
+            )
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=stuck_after)
             return True
@@ -390,23 +429,28 @@ class InferenceWorker:
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # A forming batch counts as running, so drain() does not see an idle worker meanwhile.
-            batch = [self._pending.popleft()]
-            self._running = batch
+            # In a coroutine of its own, whose locals go when it returns: an idle worker holds
+            # nothing of its last batch (the jobs, their calls, the error in a queue nobody reads).
+            await self._run_next_batch()
+
+    async def _run_next_batch(self) -> None:
+        # A forming batch counts as running, so drain() does not see an idle worker meanwhile.
+        batch = [self._pending.popleft()]
+        self._running = batch
+        self._announce_positions()
+        try:
+            await self._fill(batch)
             self._announce_positions()
-            try:
-                await self._fill(batch)
-                self._announce_positions()
-                await self._execute(batch)
-            finally:
-                finished = time.perf_counter()
-                for job in batch:
-                    job.done = True
-                    if job.started is not None:
-                        job.finished = finished
-                    job.call.release_inputs()
-                self._running = []
-                self._update_idle()
+            await self._execute(batch)
+        finally:
+            finished = time.perf_counter()
+            for job in batch:
+                job.done = True
+                if job.started is not None:
+                    job.finished = finished
+                job.call.release_inputs()
+            self._running = []
+            self._update_idle()
 
     async def _execute(self, batch: list[Job]) -> None:
         started = time.perf_counter()
@@ -426,21 +470,22 @@ class InferenceWorker:
             self._record_call(time.perf_counter() - started)
             for job in batch:
                 self.stats.cancelled_running += 1
-                job.emit(_Failed(job.cancel_reason))
+                job.end_cancelled()
             call = batch[0].call
             log.info("cancelled a running %s call on %s", call.target.task.value, call.model.spec.name)
             return
         except Exception as err:  # the call's failure is its requests', never the worker's
             self.stats.failed += len(batch)
+            failure = _Failed(_without_locals(err))
             for job in batch:
-                job.emit(_Failed(err))
+                job.emit(failure)
             return
         finished = time.perf_counter()
         self._record_call(finished - started)
         for job, images in zip(batch, results, strict=True):
             if job.cancelled():
                 self.stats.cancelled_running += 1
-                job.emit(_Failed(job.cancel_reason))
+                job.end_cancelled()
                 continue
             self.stats.completed += 1
             job.emit(
