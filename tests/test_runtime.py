@@ -23,6 +23,9 @@ from grpc_status import rpc_status
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server import registry as registry_module
+from autopipeline_server import worker as worker_module
+from autopipeline_server.domain import Finished, GenerationRequest, Task
+from autopipeline_server.prepare import prepare_call
 from autopipeline_server.registry import MAX_REMEMBERED_SOURCES
 from autopipeline_server.settings import ModelSpec, Settings
 from autopipeline_server.tiny import build_tiny_checkpoint
@@ -595,3 +598,40 @@ def test_cancelling_leaks_no_threads_or_queue_slots(small_queue: ServerThread) -
         wait_for(lambda: server_info(small_queue).running == 0)
         assert server_info(small_queue).queue_depth == 0
         assert threading.active_count() <= threads
+
+
+# ------------------------------------------------------------------------------ the first event first
+
+
+def _job_events(server: ServerThread, *, greet_after: int | None) -> tuple[bool, bool]:
+    """Submits a call straight to the worker; `greet_after` loop turns later it says its first event
+    is written (None: never). Returns whether the call had started before that, and whether it finished."""
+    model = server.running.registry.entries["sd15"].model
+    assert model is not None
+    request = GenerationRequest(
+        model="sd15", task=Task.TEXT_TO_IMAGE, prompt="x", width=64, height=64, num_inference_steps=2, seed=1
+    )
+
+    async def scenario() -> tuple[bool, bool]:
+        job = server.running.worker.submit(prepare_call(model, request))
+        for _ in range(greet_after or 0):  # enough turns for the worker to take the job
+            await asyncio.sleep(0)
+        started_before = job.started is not None
+        if greet_after is not None:
+            job.greeted.set()
+        events = [event async for event in job.events()]
+        return started_before, isinstance(events[-1], Finished)
+
+    result: tuple[bool, bool] = server.call(scenario())
+    return result
+
+
+def test_a_call_starts_once_its_first_event_is_written(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "GREETING_WAIT", 120.0)
+    assert _job_events(server, greet_after=50) == (False, True)
+
+
+def test_a_call_waits_for_its_first_event_only_briefly(server: ServerThread) -> None:
+    assert _job_events(server, greet_after=None) == (False, True)  # never greeted, still runs

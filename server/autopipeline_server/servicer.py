@@ -221,6 +221,7 @@ class AutoPipelineServicer:
         try:
             async for message in self._stream(job, request, record):
                 yield message
+                job.greeted.set()  # written: the call may start (see Job.greeted)
         finally:
             worker.cancel(job)
             job.call.release_inputs()

@@ -32,6 +32,8 @@ T = TypeVar("T")
 STUCK_CALL_SECONDS = 5.0
 MIN_RETRY_HINT = 0.1
 MAX_RETRY_HINT = 30.0
+# How long a call may wait for its callers' first events to be written (see `Job.greeted`).
+GREETING_WAIT = 0.05
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ class Job:
         self._cancel_reason: ServingError | None = None
         self.done = False
         self.last_position: int | None = None
+        # Set once the caller's first event is written (or the job is cancelled). A call waits for
+        # it, at most GREETING_WAIT, before it starts: on an idle server the device would otherwise
+        # take the cores and the GIL at once and hold that first write back.
+        self.greeted = asyncio.Event()
 
     @functools.cached_property
     def batch_key(self) -> str | None:
@@ -115,6 +121,7 @@ class Job:
         if reason is not None:
             self._cancel_reason = reason
         self._cancel.set()
+        self.greeted.set()
 
     def end_cancelled(self) -> None:
         """Ends the job's events with the error it was cancelled with, which the job lets go of:
@@ -453,6 +460,10 @@ class InferenceWorker:
             self._update_idle()
 
     async def _execute(self, batch: list[Job]) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(GREETING_WAIT):
+                for job in batch:
+                    await job.greeted.wait()
         started = time.perf_counter()
         self.stats.pipeline_calls += 1
         if len(batch) > 1:
