@@ -173,7 +173,9 @@ class LoadedModel:
     # LoRA adapters loaded by adapters.load_adapters: name -> the components each changes.
     adapters: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Schedulers built once by `new_scheduler`, by role and class; each call gets a copy.
-    _scheduler_prototypes: dict[tuple[str, type[Any]], Any] = field(default_factory=dict, repr=False)
+    _scheduler_prototypes: dict[tuple[str, type[Any]], Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def new_scheduler(self, cls: type[Any], *, role: str = "denoiser", config: Any = None) -> Any:
         """A fresh scheduler of `cls` for one call, configured from `config` (by default the
@@ -552,7 +554,10 @@ def pin_signatures(model: LoadedModel) -> None:
             functions.update((scheduler.step, scheduler.set_timesteps))
     for function in functions:
         if inspect.isfunction(function) and "__signature__" not in function.__dict__:
-            function.__signature__ = inspect.signature(function)  # type: ignore[attr-defined]
+            try:
+                function.__signature__ = inspect.signature(function)  # type: ignore[attr-defined]
+            except (ValueError, TypeError):  # one inspect cannot derive: left as it is
+                continue
 
 
 def _task_order(item: tuple[Task, Any]) -> int:

@@ -12,7 +12,8 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import PIL.Image
@@ -38,7 +39,14 @@ GREETING_WAIT = 0.05
 
 @dataclass(frozen=True)
 class _Failed:
+    """How a job ended, for its event stream. A batch's failure is one error for all its jobs; each
+    raise starts again from the traceback it had here, so no caller's frames join another's."""
+
     error: BaseException
+    traceback: TracebackType | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "traceback", self.error.__traceback__)
 
 
 def _without_locals(error: BaseException) -> BaseException:
@@ -137,7 +145,7 @@ class Job:
             item = await self._events.get()
             if isinstance(item, _Failed):
                 try:
-                    raise item.error
+                    raise item.error.with_traceback(item.traceback)
                 finally:
                     # The error's traceback holds this frame: `item` would lead back to the error,
                     # a reference cycle that, through the traceback's other frames, held the
