@@ -80,6 +80,7 @@ class Direct:
         assert self._child.stdout is not None
         self._stdin, self._stdout = self._child.stdin, self._child.stdout
         if self._stdout.readline().strip() != "ready":
+            self._child.kill()
             raise RuntimeError("the direct child process did not start")
 
     def call(self, seed: int) -> float:
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--direct-in", type=Path, help=argparse.SUPPRESS)  # child processes' modes
     parser.add_argument("--replay", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.requests < 1:
+        parser.error("--requests must be at least 1")
     if args.direct_in:
         direct_worker(args.direct_in, args.steps, args.size)
         return
