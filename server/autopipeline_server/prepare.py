@@ -27,7 +27,7 @@ from autopipeline_server.arguments import (
 )
 from autopipeline_server.codecs import oriented_size
 from autopipeline_server.domain import AdapterWeight, GenerationRequest
-from autopipeline_server.errors import InvalidRequest, quote
+from autopipeline_server.errors import Violations, quote
 from autopipeline_server.pipelines import LoadedModel, TaskPipeline
 
 # Arguments that differ between the members of a batched call; each member's go into lists.
@@ -106,15 +106,12 @@ def _round_down(value: int, multiple: int) -> int:
     return max(multiple, value // multiple * multiple)
 
 
-class _Problems:
+class _Problems(Violations):
     """Every model-dependent problem with a request, reported together."""
 
     def __init__(self, target: TaskPipeline) -> None:
-        self.errors: list[InvalidRequest] = []
+        super().__init__()
         self._target = target
-
-    def add(self, field: str, description: str, *, reason: str | None = None) -> None:
-        self.errors.append(InvalidRequest.field(field, description, reason=reason))
 
     def not_taken(self, field: str) -> None:
         self.add(field, f"{self._target.pipeline_class} takes none", reason=NOT_APPLICABLE)
@@ -309,8 +306,7 @@ def prepare_call(model: LoadedModel, request: GenerationRequest) -> PreparedCall
             "preview_interval", f"{target.pipeline_class} cannot make previews", reason=NOT_APPLICABLE
         )
 
-    if problems.errors:
-        raise InvalidRequest.combined(problems.errors)
+    problems.raise_if_any()
 
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     kwargs["num_images_per_prompt"] = request.num_images

@@ -25,6 +25,7 @@ from autopipeline_server.errors import (
     ShuttingDown,
     TaskNotSupported,
     Unauthenticated,
+    chain,
 )
 
 log = logging.getLogger(__name__)
@@ -98,12 +99,8 @@ def to_status(error: BaseException, request_id: str) -> grpc.Status:
 
 
 def _drop_tracebacks(error: BaseException) -> None:
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        current.__traceback__ = None
-        current = current.__cause__ or current.__context__
+    for linked in chain(error):
+        linked.__traceback__ = None
 
 
 def _final(

@@ -20,7 +20,7 @@ import PIL.Image
 
 from autopipeline_server.calls import CallCancelled, CallHooks, run_batch
 from autopipeline_server.domain import Event, Finished, Preview, Progress, Queued, Started
-from autopipeline_server.errors import QueueFull, RequestCancelled, ServingError, ShuttingDown
+from autopipeline_server.errors import QueueFull, RequestCancelled, ServingError, ShuttingDown, chain
 from autopipeline_server.prepare import PreparedCall
 
 if TYPE_CHECKING:
@@ -61,12 +61,8 @@ def _without_locals(error: BaseException) -> BaseException:
     """
     head = error.__traceback__
     error.__traceback__ = head.tb_next if head is not None else None
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:  # and the errors it was raised from
-        seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
-        current = current.__cause__ or current.__context__
+    for linked in chain(error):  # and the errors it was raised from
+        traceback.clear_frames(linked.__traceback__)
     return error
 
 
