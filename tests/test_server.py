@@ -13,6 +13,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import AutoPipelineForImage2Image
+from diffusers.hooks import group_offloading
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -439,6 +440,33 @@ def test_image_to_image_runs_the_steps_diffusers_runs(
         started = next(e.started for e in call if e.HasField("started"))
         call.cancel()  # only the step count matters here
         assert started.total_steps == total, (strength, steps)
+
+
+def test_a_served_model_skips_diffusers_hook_walks_with_the_same_answers(server: ServerThread) -> None:
+    """pipelines.skip_hook_walks: every component of a served model is marked hook-free, so diffusers'
+    search for group-offloading hooks answers at once, without iterating the module tree, and the
+    devices diffusers derives are what its full walk gives."""
+    model = server.running.registry.entries["sd15"].model
+    assert model is not None
+    shortcut = group_offloading._get_top_level_group_offload_hook
+    walk = shortcut.__wrapped__  # type: ignore[attr-defined]
+    components = {n: c for n, c in model.base.components.items() if isinstance(c, torch.nn.Module)}
+    assert {"unet", "vae", "text_encoder"} <= set(components)
+    for name, component in components.items():
+        assert component.__dict__.get("_autopipeline_hook_free"), name
+        assert walk(component) is None, name  # the full walk agrees: there is no hook
+    unet = components["unet"]
+    walked: list[torch.nn.Module] = []
+    original_modules = unet.modules
+    unet.modules = lambda: walked.append(unet) or original_modules()  # type: ignore[method-assign]
+    try:
+        assert shortcut(unet) is None
+        assert unet.device == torch.device("cpu")
+        for target in model.tasks.values():
+            assert target.pipe._execution_device == torch.device("cpu")
+    finally:
+        del unet.modules
+    assert walked == []
 
 
 def test_signatures_diffusers_derives_on_every_call_are_pinned_and_true(server: ServerThread) -> None:

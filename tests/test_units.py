@@ -7,7 +7,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import grpc
 import PIL.Image
@@ -18,7 +19,7 @@ from autopipeline_server.arguments import coerce
 from autopipeline_server.codecs import OutputFormat, chunk_count, chunks, decode_image, encode_image
 from autopipeline_server.domain import Task
 from autopipeline_server.errors import InvalidRequest, QueueFull, ServingError
-from autopipeline_server.pipelines import family_of, task_classes
+from autopipeline_server.pipelines import LoadedModel, family_of, skip_hook_walks, task_classes
 from autopipeline_server.settings import ConfigError, ModelSpec, load_settings
 from autopipeline_server.status import to_status
 
@@ -242,3 +243,24 @@ def test_every_error_reason_is_documented_in_the_readme_and_the_proto() -> None:
     proto = (ROOT / "proto" / "autopipeline" / "v1" / "autopipeline.proto").read_text()
     assert {r for r in reasons if f"`{r}`" not in readme} == set(), "missing from the README's table"
     assert {r for r in reasons if f"| {r} " not in proto} == set(), "missing from the proto's table"
+
+
+def test_a_component_with_diffusers_hooks_keeps_diffusers_walk() -> None:
+    """pipelines.skip_hook_walks marks only hook-free components: a group-offloaded one is left to
+    diffusers' own search, which still finds its hook."""
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers.hooks import apply_group_offloading, group_offloading
+
+    config = {"block_out_channels": (8,), "norm_num_groups": 8, "latent_channels": 4, "layers_per_block": 1}
+    hooked, plain = AutoencoderKL(**config), AutoencoderKL(**config)
+    apply_group_offloading(
+        hooked, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
+    pipe = SimpleNamespace(components={"hooked": hooked, "plain": plain, "scheduler": object()})
+    skip_hook_walks(cast(LoadedModel, SimpleNamespace(base=pipe, tasks={})))
+    assert "_autopipeline_hook_free" not in hooked.__dict__
+    assert plain.__dict__["_autopipeline_hook_free"] is True
+    assert group_offloading._is_group_offload_enabled(hooked)
+    assert not group_offloading._is_group_offload_enabled(plain)
+    assert hooked.device == plain.device == torch.device("cpu")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import logging
 import time
 import typing
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from diffusers import (
     AutoPipelineForText2Image,
     DiffusionPipeline,
 )
+from diffusers.hooks import group_offloading
 from diffusers.pipelines import auto_pipeline
 from diffusers.utils.import_utils import DummyObject
 
@@ -558,6 +560,50 @@ def pin_signatures(model: LoadedModel) -> None:
                 function.__signature__ = inspect.signature(function)  # type: ignore[attr-defined]
             except (ValueError, TypeError):  # one inspect cannot derive: left as it is
                 continue
+
+
+# Marks a component module that holds no diffusers hooks (see `skip_hook_walks`).
+_HOOK_FREE = "_autopipeline_hook_free"
+H = typing.TypeVar("H")
+
+
+def _hook_free_shortcut(walk: Callable[[torch.nn.Module], H | None]) -> Callable[[torch.nn.Module], H | None]:
+    """`walk` (diffusers' search of a module tree for a group-offloading hook), answering None at
+    once for a module `skip_hook_walks` marked; wrapped once, process-wide."""
+
+    @functools.wraps(walk)
+    def shortcut(module: torch.nn.Module) -> H | None:
+        if module.__dict__.get(_HOOK_FREE):
+            return None
+        return walk(module)
+
+    shortcut.__dict__[_HOOK_FREE] = True
+    return shortcut
+
+
+def skip_hook_walks(model: LoadedModel) -> None:
+    """Spares every call diffusers' walks over all submodules looking for group-offloading hooks.
+
+    `ModelMixin.device` and `DiffusionPipeline._execution_device` first search each component's
+    whole module tree for a group-offloading hook, with a `hasattr` that misses through
+    `nn.Module.__getattr__` in every submodule: 5 to 10 walks per call, ~0.3 ms of CPU per walk of
+    a tiny UNet and 1.35 ms per `_execution_device` (measured: a tiny SD 1.5 call took 22.8 -> 21.1
+    ms of CPU time without them), and a full-size UNet has several times as many submodules.
+    The server applies no diffusers hooks (group offloading, layerwise casting, caches) to a loaded
+    model, so each component found hook-free here is marked, and the search answers "none" for it
+    at once. Everything else diffusers derives (the parameters' device, accelerate's offload
+    hooks) is unchanged. Run once the model is placed and accelerated.
+    """
+    if not group_offloading._get_top_level_group_offload_hook.__dict__.get(_HOOK_FREE):
+        group_offloading._get_top_level_group_offload_hook = _hook_free_shortcut(  # type: ignore[assignment]
+            group_offloading._get_top_level_group_offload_hook
+        )  # diffusers' callers look the name up at call time, so they all get the shortcut
+    pipes = [model.base, *(target.pipe for target in model.tasks.values())]
+    for component in {id(c): c for pipe in pipes for c in pipe.components.values()}.values():
+        if isinstance(component, torch.nn.Module) and not any(
+            "_diffusers_hook" in module.__dict__ for module in component.modules()
+        ):
+            component.__dict__[_HOOK_FREE] = True
 
 
 def _task_order(item: tuple[Task, Any]) -> int:

@@ -27,7 +27,13 @@ from autopipeline_server.errors import (
     ModelUnavailable,
     ServingError,
 )
-from autopipeline_server.pipelines import LoadedModel, load_model, pin_signatures, resolve_dtype
+from autopipeline_server.pipelines import (
+    LoadedModel,
+    load_model,
+    pin_signatures,
+    resolve_dtype,
+    skip_hook_walks,
+)
 from autopipeline_server.settings import HUB_ID, ModelSpec, Settings
 from autopipeline_server.worker import InferenceWorker
 
@@ -264,6 +270,7 @@ class ModelRegistry:
             # Compiles (and captures) the declared shapes before the model is READY.
             accelerate(model, plan)
             pin_signatures(model)  # after accelerate: fused QKV projections swap processors
+            skip_hook_walks(model)
 
         plan = self.acceleration
 
