@@ -24,11 +24,13 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server import registry as registry_module
 from autopipeline_server import worker as worker_module
-from autopipeline_server.domain import Finished, GenerationRequest, Task
-from autopipeline_server.prepare import prepare_call
+from autopipeline_server.domain import Event, Finished, GenerationRequest, Task
+from autopipeline_server.errors import ServingError
+from autopipeline_server.prepare import PreparedCall, prepare_call
 from autopipeline_server.registry import MAX_REMEMBERED_SOURCES
 from autopipeline_server.settings import ModelSpec, Settings
 from autopipeline_server.tiny import build_tiny_checkpoint
+from autopipeline_server.worker import Job
 
 from .support import ServerThread, png_bytes, queued_together, server_info, wait_for
 
@@ -70,6 +72,34 @@ async def collect(
         return [event async for event in stub.Generate(request, timeout=timeout)]
     except grpc.aio.AioRpcError as err:
         return err
+
+
+def _prepared(server: ServerThread, prompt: str) -> PreparedCall:
+    """A small text-to-image call on sd15, prepared as the servicer prepares one, for `worker.submit`."""
+    model = server.running.registry.entries["sd15"].model
+    assert model is not None
+    request = GenerationRequest(
+        model="sd15",
+        task=Task.TEXT_TO_IMAGE,
+        prompt=prompt,
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        seed=1,
+    )
+    return prepare_call(model, request)
+
+
+async def _ending(job: Job) -> tuple[list[Event], str]:
+    """A job's events and how they ended: the last event's type, or the error they raised."""
+    events: list[Event] = []
+    try:
+        async with asyncio.timeout(60):  # only a backstop: a job whose events never end fails the test
+            async for event in job.events():
+                events.append(event)
+    except ServingError as err:
+        return events, type(err).__name__
+    return events, type(events[-1]).__name__
 
 
 # ------------------------------------------------------------------------------------------ admission
@@ -543,6 +573,34 @@ def test_drain_cancels_what_outlives_the_grace_period(checkpoints: dict[str, Pat
         server.close_loop()
 
 
+def test_a_drain_ends_every_job_of_a_forming_batch_as_shutting_down(checkpoints: dict[str, Path]) -> None:
+    server = ServerThread(tiny_settings(checkpoints, max_batch_size=8))
+    worker = server.running.worker
+    worker.max_batch_delay = 600.0  # beyond the test: the batch forms until the arrival below is closed
+
+    async def scenario() -> list[str]:
+        calls = worker.stats.pipeline_calls
+        arrival = worker.arriving()  # a request on its way: the forming batch waits for it
+        try:
+            jobs = [worker.submit(_prepared(server, prompt)) for prompt in ("head", "companion")]
+            while worker.queue_depth:  # both taken into one forming batch
+                await asyncio.sleep(0)
+            draining = asyncio.ensure_future(worker.drain(0, stuck_after=60))
+            while not all(job.cancelled() for job in jobs):
+                await asyncio.sleep(0)
+            assert worker.stats.pipeline_calls == calls, "the batch was still forming when the drain gave up"
+        finally:
+            arrival.close()
+        assert await draining
+        return [(await _ending(job))[1] for job in jobs]
+
+    try:
+        # ShuttingDown is UNAVAILABLE on the wire, as for every other job a drain ends.
+        assert server.call(scenario()) == ["ShuttingDown", "ShuttingDown"]
+    finally:
+        server.stop(grace=1)
+
+
 # ---------------------------------------------------------------------------------- health, start-up
 
 
@@ -606,14 +664,10 @@ def test_cancelling_leaks_no_threads_or_queue_slots(small_queue: ServerThread) -
 def _job_events(server: ServerThread, *, greet_after: int | None) -> tuple[bool, bool]:
     """Submits a call straight to the worker; `greet_after` loop turns later it says its first event
     is written (None: never). Returns whether the call had started before that, and whether it finished."""
-    model = server.running.registry.entries["sd15"].model
-    assert model is not None
-    request = GenerationRequest(
-        model="sd15", task=Task.TEXT_TO_IMAGE, prompt="x", width=64, height=64, num_inference_steps=2, seed=1
-    )
+    call = _prepared(server, "x")
 
     async def scenario() -> tuple[bool, bool]:
-        job = server.running.worker.submit(prepare_call(model, request))
+        job = server.running.worker.submit(call)
         for _ in range(greet_after or 0):  # enough turns for the worker to take the job
             await asyncio.sleep(0)
         started_before = job.started is not None

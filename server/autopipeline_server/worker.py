@@ -133,7 +133,7 @@ class Job:
         reference cycle, which kept each such request until the garbage collector happened to run).
         """
         reason, self._cancel_reason = self._cancel_reason, None
-        self.emit(_Failed(reason or RequestCancelled("cancelled while running")))
+        self.emit(_Failed(reason or RequestCancelled("cancelled by its caller")))
 
     async def events(self) -> AsyncIterator[Event]:
         """Yields the job's events until `Finished`; raises the error the job failed with."""
@@ -335,14 +335,18 @@ class InferenceWorker:
         try:
             self._pending.remove(job)
         except ValueError:
-            return  # running: the flag stops it between steps
+            return  # taken for a call: a forming batch drops it, a running call stops between steps
+        self._drop(job)
+        self._announce_positions()
+        self._update_idle()
+
+    def _drop(self, job: Job) -> None:
+        """Ends a cancelled job that never reached the device: its inputs go, and its events end
+        with the error it was cancelled with (ShuttingDown in a drain), as a running job's do."""
         job.done = True
         job.call.release_inputs()
         self.stats.cancelled_queued += 1
-        if reason is not None:
-            job.end_cancelled()
-        self._announce_positions()
-        self._update_idle()
+        job.end_cancelled()
 
     async def drain(self, grace: float, *, stuck_after: float = STUCK_CALL_SECONDS) -> bool:
         """Stops accepting work, lets queued and running jobs finish for `grace` seconds, then cancels.
@@ -432,8 +436,7 @@ class InferenceWorker:
         for job in batch[1:]:
             if job.cancelled():  # went away while the batch was forming
                 batch.remove(job)
-                job.done = True
-                self.stats.cancelled_queued += 1
+                self._drop(job)
 
     async def _loop(self) -> None:
         while True:
