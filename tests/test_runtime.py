@@ -24,7 +24,7 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server import registry as registry_module
 from autopipeline_server import worker as worker_module
-from autopipeline_server.domain import Event, Finished, GenerationRequest, Task
+from autopipeline_server.domain import Event, Finished, GenerationRequest, Started, Task
 from autopipeline_server.errors import ServingError
 from autopipeline_server.prepare import PreparedCall, prepare_call
 from autopipeline_server.registry import MAX_REMEMBERED_SOURCES
@@ -689,3 +689,42 @@ def test_a_call_starts_once_its_first_event_is_written(
 
 def test_a_call_waits_for_its_first_event_only_briefly(server: ServerThread) -> None:
     assert _job_events(server, greet_after=None) == (False, True)  # never greeted, still runs
+
+
+def test_a_call_whose_callers_left_while_it_awaited_their_first_events_never_starts(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "GREETING_WAIT", 120.0)
+    worker = server.running.worker
+
+    async def scenario() -> tuple[str, int, float | None]:
+        calls = worker.stats.pipeline_calls
+        job = worker.submit(_prepared(server, "gone"))
+        while worker.queue_depth:  # taken for a call, which awaits its caller's first event
+            await asyncio.sleep(0)
+        worker.cancel(job)  # the caller went away meanwhile
+        _, ending = await _ending(job)
+        return ending, worker.stats.pipeline_calls - calls, job.started
+
+    assert server.call(scenario()) == ("RequestCancelled", 0, None)
+
+
+def test_members_that_left_while_their_call_awaited_first_events_are_left_out_of_it(
+    batching: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "GREETING_WAIT", 120.0)
+    worker = batching.running.worker
+
+    async def scenario() -> tuple[list[Event], str, str]:
+        stayer, leaver = (worker.submit(_prepared(batching, prompt)) for prompt in ("stay", "leave"))
+        while worker.queue_depth:  # both taken for one call, which awaits their first events
+            await asyncio.sleep(0)
+        worker.cancel(leaver)  # its caller went away meanwhile
+        stayer.greeted.set()
+        (events, ending), (_, left) = await _ending(stayer), await _ending(leaver)
+        return events, ending, left
+
+    events, ending, left = batching.call(scenario())
+    assert (ending, left) == ("Finished", "RequestCancelled")
+    started = next(event for event in events if isinstance(event, Started))
+    assert (started.batch_requests, started.seeds) == (1, (1,))

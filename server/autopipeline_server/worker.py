@@ -335,7 +335,9 @@ class InferenceWorker:
         try:
             self._pending.remove(job)
         except ValueError:
-            return  # taken for a call: a forming batch drops it, a running call stops between steps
+            # Taken for a call: left out of it if it has not started (`_ready_to_call`), else the
+            # flag stops it between steps.
+            return
         self._drop(job)
         self._announce_positions()
         self._update_idle()
@@ -433,10 +435,6 @@ class InferenceWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
             self._take_companions(batch)
-        for job in batch[1:]:
-            if job.cancelled():  # went away while the batch was forming
-                batch.remove(job)
-                self._drop(job)
 
     async def _loop(self) -> None:
         while True:
@@ -466,11 +464,23 @@ class InferenceWorker:
             self._running = []
             self._update_idle()
 
-    async def _execute(self, batch: list[Job]) -> None:
+    async def _ready_to_call(self, batch: list[Job]) -> bool:
+        """Waits (at most GREETING_WAIT) for the batch's callers' first events, then takes out the
+        jobs cancelled since they left the queue; False when none is left, and the call must not
+        start: its prompts would be encoded and the device held for nobody until its first step."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(GREETING_WAIT):
                 for job in batch:
                     await job.greeted.wait()
+        for job in list(batch):
+            if job.cancelled():  # went away while the batch was forming, or its greeting was awaited
+                batch.remove(job)
+                self._drop(job)
+        return bool(batch)
+
+    async def _execute(self, batch: list[Job]) -> None:
+        if not await self._ready_to_call(batch):
+            return
         started = time.perf_counter()
         self.stats.pipeline_calls += 1
         if len(batch) > 1:
