@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import logging
 import shutil
 import threading
 import time
@@ -29,8 +31,9 @@ from autopipeline_server.errors import ServingError
 from autopipeline_server.prepare import PreparedCall, prepare_call
 from autopipeline_server.registry import MAX_REMEMBERED_SOURCES
 from autopipeline_server.settings import ModelSpec, Settings
+from autopipeline_server.status import REQUEST_ID_KEY
 from autopipeline_server.tiny import build_tiny_checkpoint
-from autopipeline_server.worker import Job
+from autopipeline_server.worker import InferenceWorker, Job
 
 from .support import ServerThread, png_bytes, queued_together, server_info, wait_for
 
@@ -314,6 +317,87 @@ def _concurrently(server: ServerThread, *requests: pb.GenerateRequest) -> list[l
 
 def _started(events: list[pb.GenerateResponse]) -> pb.Started:
     return next(e.started for e in events if e.HasField("started"))
+
+
+class _HandlersFinished(logging.Handler):
+    """The request ids of RPCs whose handlers have finished: each writes its access line last."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.request_ids: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.request_ids.add(str(getattr(record, "request_id", "")))
+
+
+@contextlib.contextmanager
+def _handlers_finished() -> Iterator[_HandlersFinished]:
+    access, finished = logging.getLogger("autopipeline_server.access"), _HandlersFinished()
+    level = access.level
+    access.setLevel(logging.INFO)
+    access.addHandler(finished)
+    try:
+        yield finished
+    finally:
+        access.removeHandler(finished)
+        access.setLevel(level)
+
+
+async def _hold_device(worker: InferenceWorker, gate: threading.Event) -> asyncio.Future[bool]:
+    """Queues a wait for `gate` on the device thread, behind the call running there."""
+    held = asyncio.ensure_future(worker.run_on_device(gate.wait, 120))
+    await asyncio.sleep(0)  # the wait's first step hands it to the device thread
+    return held
+
+
+def test_a_member_leaving_as_its_call_starts_takes_no_input_the_call_reads(batching: ServerThread) -> None:
+    worker, gate = batching.running.worker, threading.Event()
+    keep, leave = (
+        pb.GenerateRequest(
+            task=pb.TASK_IMAGE_TO_IMAGE,
+            prompt=prompt,
+            seed=5,
+            strength=0.5,
+            num_inference_steps=4,
+            image=pb.Image(data=png_bytes(PIL.Image.new("RGB", (64, 64), colour))),
+        )
+        for prompt, colour in (("keep", (200, 30, 30)), ("leave", (30, 30, 200)))
+    )
+
+    async def main() -> list[pb.GenerateResponse] | grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(batching.target) as channel:
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+            blocker = stub.Generate(BLOCKER)
+            async for event in blocker:
+                if event.HasField("progress"):
+                    break
+            # Once the blocker's call has stopped, the device thread waits for the gate: the two
+            # requests' call is committed then, but has not read their inputs yet.
+            await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(_hold_device(worker, gate), batching.loop)
+            )
+            keeper = asyncio.ensure_future(collect(stub, keep))
+            leaver = stub.Generate(leave)
+            leaver_id = dict(await leaver.initial_metadata())[REQUEST_ID_KEY]
+            while (await stub.Inspect(pb.InspectRequest())).server.queue_depth < 2:
+                await asyncio.sleep(0.005)
+            calls = worker.stats.pipeline_calls
+            blocker.cancel()
+            while worker.stats.pipeline_calls == calls:
+                await asyncio.sleep(0.005)
+            leaver.cancel()
+            while leaver_id not in finished.request_ids:  # its handler has let go of its job
+                await asyncio.sleep(0.005)
+            gate.set()
+            return await keeper
+
+    with _handlers_finished() as finished:
+        try:
+            kept = asyncio.run(main())
+        finally:
+            gate.set()
+    assert isinstance(kept, list), kept
+    assert _started(kept).batch_requests == 2 and kept[-1].HasField("completed")
 
 
 def test_a_negative_prompt_splits_batches_only_by_presence(batching: ServerThread) -> None:

@@ -328,7 +328,11 @@ class InferenceWorker:
         return job
 
     def cancel(self, job: Job, reason: ServingError | None = None) -> None:
-        """Drops a queued job, or asks a running one to stop at its next denoising step."""
+        """Drops a queued job, or asks a running one to stop at its next denoising step.
+
+        Its inputs are freed when no call will read them: at once if queued, else when it is left
+        out of its call before the call starts, or when the call has ended.
+        """
         if job.done:
             return
         job.cancel(reason)
