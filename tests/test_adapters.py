@@ -18,6 +18,8 @@ from autopipeline import Client
 from autopipeline._cli import build_parser
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
+from autopipeline_server.domain import GenerationRequest, Task
+from autopipeline_server.prepare import prepare_with_inputs
 from autopipeline_server.settings import AdapterSpec, ConfigError, ModelSpec, Settings, load_settings
 from autopipeline_server.tiny import build_tiny_checkpoint
 from autopipeline_server.tiny_lora import build_tiny_lora
@@ -215,6 +217,37 @@ def test_batched_controlnet_requests_keep_each_control_image(
         solo = list(stub.Generate(request, timeout=120))
         assert _started(solo).batch_requests == 1
         assert np.abs(_pixels(_image(events)) - _pixels(_image(solo))).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("task", "inputs"),
+    [
+        (Task.TEXT_TO_IMAGE, ["image"]),  # where `image` is the control image
+        (Task.IMAGE_TO_IMAGE, ["control_image", "image"]),
+        (Task.INPAINTING, ["control_image", "image", "mask_image"]),
+    ],
+)
+def test_a_released_call_lets_go_of_its_control_image(
+    server: ServerThread, task: Task, inputs: list[str]
+) -> None:
+    model = server.running.registry.entries["cn"].model
+    assert model is not None
+    request = GenerationRequest(
+        model="cn",
+        task=task,
+        prompt="a cube",
+        image=PIL.Image.new("RGB", (64, 64)) if "control_image" in inputs else None,
+        mask_image=PIL.Image.new("L", (64, 64), 255) if "mask_image" in inputs else None,
+        control_image=PIL.Image.new("RGB", (64, 64)),
+    )
+    call = prepare_with_inputs(model, request)
+
+    def images() -> list[str]:
+        return sorted(name for name, value in call.kwargs.items() if isinstance(value, PIL.Image.Image))
+
+    assert images() == inputs
+    call.release_inputs()  # the call has ended; its job may live on (in a handler, a log record)
+    assert images() == []
 
 
 # ---------------------------------------------------------------------------------------------- LoRA

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import logging
 import shutil
 import threading
 import time
@@ -24,11 +26,14 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
 from autopipeline_server import registry as registry_module
 from autopipeline_server import worker as worker_module
-from autopipeline_server.domain import Finished, GenerationRequest, Task
-from autopipeline_server.prepare import prepare_call
+from autopipeline_server.domain import Event, Finished, GenerationRequest, Started, Task
+from autopipeline_server.errors import ServingError
+from autopipeline_server.prepare import PreparedCall, prepare_call
 from autopipeline_server.registry import MAX_REMEMBERED_SOURCES
 from autopipeline_server.settings import ModelSpec, Settings
+from autopipeline_server.status import REQUEST_ID_KEY
 from autopipeline_server.tiny import build_tiny_checkpoint
+from autopipeline_server.worker import InferenceWorker, Job
 
 from .support import ServerThread, png_bytes, queued_together, server_info, wait_for
 
@@ -70,6 +75,34 @@ async def collect(
         return [event async for event in stub.Generate(request, timeout=timeout)]
     except grpc.aio.AioRpcError as err:
         return err
+
+
+def _prepared(server: ServerThread, prompt: str) -> PreparedCall:
+    """A small text-to-image call on sd15, prepared as the servicer prepares one, for `worker.submit`."""
+    model = server.running.registry.entries["sd15"].model
+    assert model is not None
+    request = GenerationRequest(
+        model="sd15",
+        task=Task.TEXT_TO_IMAGE,
+        prompt=prompt,
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        seed=1,
+    )
+    return prepare_call(model, request)
+
+
+async def _ending(job: Job) -> tuple[list[Event], str]:
+    """A job's events and how they ended: the last event's type, or the error they raised."""
+    events: list[Event] = []
+    try:
+        async with asyncio.timeout(60):  # only a backstop: a job whose events never end fails the test
+            async for event in job.events():
+                events.append(event)
+    except ServingError as err:
+        return events, type(err).__name__
+    return events, type(events[-1]).__name__
 
 
 # ------------------------------------------------------------------------------------------ admission
@@ -284,6 +317,87 @@ def _concurrently(server: ServerThread, *requests: pb.GenerateRequest) -> list[l
 
 def _started(events: list[pb.GenerateResponse]) -> pb.Started:
     return next(e.started for e in events if e.HasField("started"))
+
+
+class _HandlersFinished(logging.Handler):
+    """The request ids of RPCs whose handlers have finished: each writes its access line last."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.request_ids: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.request_ids.add(str(getattr(record, "request_id", "")))
+
+
+@contextlib.contextmanager
+def _handlers_finished() -> Iterator[_HandlersFinished]:
+    access, finished = logging.getLogger("autopipeline_server.access"), _HandlersFinished()
+    level = access.level
+    access.setLevel(logging.INFO)
+    access.addHandler(finished)
+    try:
+        yield finished
+    finally:
+        access.removeHandler(finished)
+        access.setLevel(level)
+
+
+async def _hold_device(worker: InferenceWorker, gate: threading.Event) -> asyncio.Future[bool]:
+    """Queues a wait for `gate` on the device thread, behind the call running there."""
+    held = asyncio.ensure_future(worker.run_on_device(gate.wait, 120))
+    await asyncio.sleep(0)  # the wait's first step hands it to the device thread
+    return held
+
+
+def test_a_member_leaving_as_its_call_starts_takes_no_input_the_call_reads(batching: ServerThread) -> None:
+    worker, gate = batching.running.worker, threading.Event()
+    keep, leave = (
+        pb.GenerateRequest(
+            task=pb.TASK_IMAGE_TO_IMAGE,
+            prompt=prompt,
+            seed=5,
+            strength=0.5,
+            num_inference_steps=4,
+            image=pb.Image(data=png_bytes(PIL.Image.new("RGB", (64, 64), colour))),
+        )
+        for prompt, colour in (("keep", (200, 30, 30)), ("leave", (30, 30, 200)))
+    )
+
+    async def main() -> list[pb.GenerateResponse] | grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(batching.target) as channel:
+            stub = pb_grpc.AutoPipelineServiceStub(channel)
+            blocker = stub.Generate(BLOCKER)
+            async for event in blocker:
+                if event.HasField("progress"):
+                    break
+            # Once the blocker's call has stopped, the device thread waits for the gate: the two
+            # requests' call is committed then, but has not read their inputs yet.
+            await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(_hold_device(worker, gate), batching.loop)
+            )
+            keeper = asyncio.ensure_future(collect(stub, keep))
+            leaver = stub.Generate(leave)
+            leaver_id = dict(await leaver.initial_metadata())[REQUEST_ID_KEY]
+            while (await stub.Inspect(pb.InspectRequest())).server.queue_depth < 2:
+                await asyncio.sleep(0.005)
+            calls = worker.stats.pipeline_calls
+            blocker.cancel()
+            while worker.stats.pipeline_calls == calls:
+                await asyncio.sleep(0.005)
+            leaver.cancel()
+            while leaver_id not in finished.request_ids:  # its handler has let go of its job
+                await asyncio.sleep(0.005)
+            gate.set()
+            return await keeper
+
+    with _handlers_finished() as finished:
+        try:
+            kept = asyncio.run(main())
+        finally:
+            gate.set()
+    assert isinstance(kept, list), kept
+    assert _started(kept).batch_requests == 2 and kept[-1].HasField("completed")
 
 
 def test_a_negative_prompt_splits_batches_only_by_presence(batching: ServerThread) -> None:
@@ -543,6 +657,34 @@ def test_drain_cancels_what_outlives_the_grace_period(checkpoints: dict[str, Pat
         server.close_loop()
 
 
+def test_a_drain_ends_every_job_of_a_forming_batch_as_shutting_down(checkpoints: dict[str, Path]) -> None:
+    server = ServerThread(tiny_settings(checkpoints, max_batch_size=8))
+    worker = server.running.worker
+    worker.max_batch_delay = 600.0  # beyond the test: the batch forms until the arrival below is closed
+
+    async def scenario() -> list[str]:
+        calls = worker.stats.pipeline_calls
+        arrival = worker.arriving()  # a request on its way: the forming batch waits for it
+        try:
+            jobs = [worker.submit(_prepared(server, prompt)) for prompt in ("head", "companion")]
+            while worker.queue_depth:  # both taken into one forming batch
+                await asyncio.sleep(0)
+            draining = asyncio.ensure_future(worker.drain(0, stuck_after=60))
+            while not all(job.cancelled() for job in jobs):
+                await asyncio.sleep(0)
+            assert worker.stats.pipeline_calls == calls, "the batch was still forming when the drain gave up"
+        finally:
+            arrival.close()
+        assert await draining
+        return [(await _ending(job))[1] for job in jobs]
+
+    try:
+        # ShuttingDown is UNAVAILABLE on the wire, as for every other job a drain ends.
+        assert server.call(scenario()) == ["ShuttingDown", "ShuttingDown"]
+    finally:
+        server.stop(grace=1)
+
+
 # ---------------------------------------------------------------------------------- health, start-up
 
 
@@ -606,14 +748,10 @@ def test_cancelling_leaks_no_threads_or_queue_slots(small_queue: ServerThread) -
 def _job_events(server: ServerThread, *, greet_after: int | None) -> tuple[bool, bool]:
     """Submits a call straight to the worker; `greet_after` loop turns later it says its first event
     is written (None: never). Returns whether the call had started before that, and whether it finished."""
-    model = server.running.registry.entries["sd15"].model
-    assert model is not None
-    request = GenerationRequest(
-        model="sd15", task=Task.TEXT_TO_IMAGE, prompt="x", width=64, height=64, num_inference_steps=2, seed=1
-    )
+    call = _prepared(server, "x")
 
     async def scenario() -> tuple[bool, bool]:
-        job = server.running.worker.submit(prepare_call(model, request))
+        job = server.running.worker.submit(call)
         for _ in range(greet_after or 0):  # enough turns for the worker to take the job
             await asyncio.sleep(0)
         started_before = job.started is not None
@@ -635,3 +773,42 @@ def test_a_call_starts_once_its_first_event_is_written(
 
 def test_a_call_waits_for_its_first_event_only_briefly(server: ServerThread) -> None:
     assert _job_events(server, greet_after=None) == (False, True)  # never greeted, still runs
+
+
+def test_a_call_whose_callers_left_while_it_awaited_their_first_events_never_starts(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "GREETING_WAIT", 120.0)
+    worker = server.running.worker
+
+    async def scenario() -> tuple[str, int, float | None]:
+        calls = worker.stats.pipeline_calls
+        job = worker.submit(_prepared(server, "gone"))
+        while worker.queue_depth:  # taken for a call, which awaits its caller's first event
+            await asyncio.sleep(0)
+        worker.cancel(job)  # the caller went away meanwhile
+        _, ending = await _ending(job)
+        return ending, worker.stats.pipeline_calls - calls, job.started
+
+    assert server.call(scenario()) == ("RequestCancelled", 0, None)
+
+
+def test_members_that_left_while_their_call_awaited_first_events_are_left_out_of_it(
+    batching: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "GREETING_WAIT", 120.0)
+    worker = batching.running.worker
+
+    async def scenario() -> tuple[list[Event], str, str]:
+        stayer, leaver = (worker.submit(_prepared(batching, prompt)) for prompt in ("stay", "leave"))
+        while worker.queue_depth:  # both taken for one call, which awaits their first events
+            await asyncio.sleep(0)
+        worker.cancel(leaver)  # its caller went away meanwhile
+        stayer.greeted.set()
+        (events, ending), (_, left) = await _ending(stayer), await _ending(leaver)
+        return events, ending, left
+
+    events, ending, left = batching.call(scenario())
+    assert (ending, left) == ("Finished", "RequestCancelled")
+    started = next(event for event in events if isinstance(event, Started))
+    assert (started.batch_requests, started.seeds) == (1, (1,))

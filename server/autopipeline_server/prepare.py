@@ -36,6 +36,9 @@ PER_MEMBER_ARGUMENTS = frozenset(
 )
 # Secondary prompts are broadcast against the prompt list in ways that differ by family: run alone.
 UNBATCHABLE_ARGUMENTS = frozenset({"prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3"})
+# The decoded input images: the input, the mask and ControlNet's conditioning image (which
+# text-to-image ControlNet pipelines take as `image`).
+INPUT_ARGUMENTS = frozenset({"image", "mask_image", "control_image"})
 NOT_APPLICABLE = "FIELD_NOT_APPLICABLE"
 
 
@@ -85,14 +88,14 @@ class PreparedCall:
 
     def release_inputs(self) -> None:
         """Drops the decoded input images once the call has ended, whoever still holds the call."""
-        self.kwargs.pop("image", None)
-        self.kwargs.pop("mask_image", None)
+        for name in INPUT_ARGUMENTS:
+            self.kwargs.pop(name, None)
 
     def resolved_parameters(self) -> dict[str, Any]:
         """The call arguments JSON can express, for the `completed` event (seeds have typed fields)."""
         resolved: dict[str, Any] = {}
         for name, value in self.kwargs.items():
-            if name in ("image", "mask_image", "control_image"):
+            if name in INPUT_ARGUMENTS:
                 continue
             ok, converted = jsonable(value)
             if ok:

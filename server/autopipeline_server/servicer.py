@@ -217,14 +217,17 @@ class AutoPipelineServicer:
     async def _run(
         self, worker: InferenceWorker, job: Job, request: pb.GenerateRequest, record: RequestRecord
     ) -> AsyncIterator[pb.GenerateResponse]:
-        """The job's stream; the job is dropped (and its inputs freed) however the stream ends."""
+        """The job's stream; the job is dropped however the stream ends.
+
+        Its inputs are freed by the worker, not here: a job cancelled just as its call starts is
+        still in that call, whose arguments are built from every member's once it runs.
+        """
         try:
             async for message in self._stream(job, request, record):
                 yield message
                 job.greeted.set()  # written: the call may start (see Job.greeted)
         finally:
             worker.cancel(job)
-            job.call.release_inputs()
 
     async def _stream(
         self, job: Job, request: pb.GenerateRequest, record: RequestRecord

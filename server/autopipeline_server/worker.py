@@ -133,7 +133,7 @@ class Job:
         reference cycle, which kept each such request until the garbage collector happened to run).
         """
         reason, self._cancel_reason = self._cancel_reason, None
-        self.emit(_Failed(reason or RequestCancelled("cancelled while running")))
+        self.emit(_Failed(reason or RequestCancelled("cancelled by its caller")))
 
     async def events(self) -> AsyncIterator[Event]:
         """Yields the job's events until `Finished`; raises the error the job failed with."""
@@ -328,21 +328,31 @@ class InferenceWorker:
         return job
 
     def cancel(self, job: Job, reason: ServingError | None = None) -> None:
-        """Drops a queued job, or asks a running one to stop at its next denoising step."""
+        """Drops a queued job, or asks a running one to stop at its next denoising step.
+
+        Its inputs are freed when no call will read them: at once if queued, else when it is left
+        out of its call before the call starts, or when the call has ended.
+        """
         if job.done:
             return
         job.cancel(reason)
         try:
             self._pending.remove(job)
         except ValueError:
-            return  # running: the flag stops it between steps
+            # Taken for a call: left out of it if it has not started (`_ready_to_call`), else the
+            # flag stops it between steps.
+            return
+        self._drop(job)
+        self._announce_positions()
+        self._update_idle()
+
+    def _drop(self, job: Job) -> None:
+        """Ends a cancelled job that never reached the device: its inputs go, and its events end
+        with the error it was cancelled with (ShuttingDown in a drain), as a running job's do."""
         job.done = True
         job.call.release_inputs()
         self.stats.cancelled_queued += 1
-        if reason is not None:
-            job.end_cancelled()
-        self._announce_positions()
-        self._update_idle()
+        job.end_cancelled()
 
     async def drain(self, grace: float, *, stuck_after: float = STUCK_CALL_SECONDS) -> bool:
         """Stops accepting work, lets queued and running jobs finish for `grace` seconds, then cancels.
@@ -429,11 +439,6 @@ class InferenceWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
             self._take_companions(batch)
-        for job in batch[1:]:
-            if job.cancelled():  # went away while the batch was forming
-                batch.remove(job)
-                job.done = True
-                self.stats.cancelled_queued += 1
 
     async def _loop(self) -> None:
         while True:
@@ -463,11 +468,23 @@ class InferenceWorker:
             self._running = []
             self._update_idle()
 
-    async def _execute(self, batch: list[Job]) -> None:
+    async def _ready_to_call(self, batch: list[Job]) -> bool:
+        """Waits (at most GREETING_WAIT) for the batch's callers' first events, then takes out the
+        jobs cancelled since they left the queue; False when none is left, and the call must not
+        start: its prompts would be encoded and the device held for nobody until its first step."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(GREETING_WAIT):
                 for job in batch:
                     await job.greeted.wait()
+        for job in list(batch):
+            if job.cancelled():  # went away while the batch was forming, or its greeting was awaited
+                batch.remove(job)
+                self._drop(job)
+        return bool(batch)
+
+    async def _execute(self, batch: list[Job]) -> None:
+        if not await self._ready_to_call(batch):
+            return
         started = time.perf_counter()
         self.stats.pipeline_calls += 1
         if len(batch) > 1:
