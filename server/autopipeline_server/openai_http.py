@@ -45,6 +45,11 @@ OWNED_BY = "autopipeline"
 _DETAILS_KEY = "grpc-status-details-bin"
 # How long in-flight HTTP requests may take to finish once the worker has drained.
 _SHUTDOWN_SECONDS = 5.0
+# How long the rest of a body answered before it was read (a 413 once max_request_bytes is passed)
+# is read and discarded before the connection is closed (aiohttp's lingering close). Closing with
+# unread data would reset the connection, and a client still uploading could lose its answer; a
+# client that sends on and on is cut off after this.
+_DRAIN_SECONDS = 10.0
 
 # grpc-gateway's mapping of canonical codes to HTTP statuses (runtime.HTTPStatusFromCode).
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -137,7 +142,12 @@ class OpenAIDoor:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._model)
         # Cancelling the handler when its client disconnects cancels the gRPC call, and so the work.
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_SECONDS)
+        self._runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            shutdown_timeout=_SHUTDOWN_SECONDS,
+            lingering_time=_DRAIN_SECONDS,
+        )
         await self._runner.setup()
         sock = _listen(self._settings.host, self._settings.http_port or 0)
         site = web.SockSite(self._runner, sock, ssl_context=_tls_context(self._settings))
