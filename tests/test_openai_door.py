@@ -367,6 +367,31 @@ def test_the_rest_of_a_refused_body_is_drained_for_a_client_still_sending(door: 
         assert (status, json.loads(body)["object"]) == (200, "list")
 
 
+def test_a_body_declared_over_the_limit_is_refused_before_it_is_sent(door: ServerThread) -> None:
+    # curl's way with large bodies: the headers ask first (Expect: 100-continue); no body follows.
+    head = (
+        "POST /v1/images/edits HTTP/1.1\r\nHost: door\r\nExpect: 100-continue\r\n"
+        f"Content-Type: multipart/form-data; boundary=b0undary\r\nContent-Length: {MAX_REQUEST_BYTES + 1}\r\n"
+    )
+    with _connect(door) as sock, sock.makefile("rb") as stream:
+        sock.sendall(f"{head}\r\n".encode())
+        status, headers, body = _read_response(stream)
+    assert status == 413  # not 100 Continue
+    assert json.loads(body)["error"]["code"] == "request_too_large"
+    assert headers["connection"].lower() == "close"
+
+
+def test_a_body_within_the_limit_is_continued(door: ServerThread) -> None:
+    body = json.dumps({"prompt": "x", "n": "two"}).encode()
+    head = "POST /v1/images/generations HTTP/1.1\r\nHost: door\r\nExpect: 100-continue\r\n"
+    with _connect(door) as sock, sock.makefile("rb") as stream:
+        sock.sendall(f"{head}Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        assert _read_response(stream)[0] == 100
+        sock.sendall(body)
+        status, _, answer = _read_response(stream)
+    assert (status, json.loads(answer)["error"]["param"]) == (400, "n")
+
+
 def test_the_mask_convention_is_converted() -> None:
     box = (2, 4, 6, 8)
     converted = PIL.Image.open(io.BytesIO(openai_mask_to_ours(_rgba_mask((10, 12), box), 10_000)))

@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from google.rpc import error_details_pb2, status_pb2
 from multidict import MultiDictProxy
 
@@ -137,8 +137,8 @@ class OpenAIDoor:
         app = web.Application(
             middlewares=[self._errors], client_max_size=self._settings.limits.max_request_bytes
         )
-        app.router.add_post("/v1/images/generations", self._generations)
-        app.router.add_post("/v1/images/edits", self._edits)
+        app.router.add_post("/v1/images/generations", self._generations, expect_handler=self._expect)
+        app.router.add_post("/v1/images/edits", self._edits, expect_handler=self._expect)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._model)
         # Cancelling the handler when its client disconnects cancels the gRPC call, and so the work.
@@ -241,6 +241,32 @@ class OpenAIDoor:
     def _model_object(self, model: pb.ModelInfo) -> dict[str, Any]:
         return {"id": model.name, "object": "model", "created": self._created, "owned_by": OWNED_BY}
 
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue` (curl's way with large bodies): a body declared over the limit is
+        refused before the client sends it; any other gets aiohttp's usual 100 Continue.
+
+        A client that does not ask first (the openai client) has its body read up to the limit
+        instead: refusing it on the declared length alone would leave the whole body, rather than
+        its excess, to the time-bounded drain (_DRAIN_SECONDS), which a slow upload may outlast.
+        """
+        if request.version != HttpVersion11:  # HTTP/1.0 has no 100 Continue: the body comes anyway
+            return None
+        expect = request.headers[hdrs.EXPECT]
+        limit = self._settings.limits.max_request_bytes
+        error: web.HTTPException
+        if expect.lower() != "100-continue":
+            error = web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+        elif request.content_length is not None and request.content_length > limit:
+            error = web.HTTPRequestEntityTooLarge(limit, request.content_length)
+        else:  # as aiohttp's own handler does
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+            return None
+        response = _http_error(error, request)
+        # The body is not coming, so the connection cannot carry another request (RFC 9110, 10.1.1).
+        response.force_close()
+        return response
+
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Draining, the door's own translation errors and HTTP errors, as OpenAI-style JSON errors."""
@@ -251,11 +277,7 @@ class OpenAIDoor:
         except web.HTTPException as err:
             if err.status < 400:
                 raise
-            code = "request_too_large" if err.status == 413 else err.reason.lower().replace(" ", "_")
-            message = err.text or err.reason
-            if err.status in (404, 405):
-                message = f"{err.reason}: {request.method} {request.path}"
-            return _json_error(err.status, message, param=None, code=code)
+            return _http_error(err, request)
         except Exception as err:  # ServingErrors are the caller's; anything else is a bug, logged once
             request_id = uuid.uuid4().hex
             status = to_status(err, request_id)
@@ -417,6 +439,15 @@ def _grpc_error(code: grpc.StatusCode, message: str, trailing: Metadata | None) 
         headers["Retry-After"] = str(retry_after)
     code_name = (reason or code.name).lower()
     return _json_error(status, message, param=param, code=code_name, headers=headers)
+
+
+def _http_error(err: web.HTTPException, request: web.Request) -> web.Response:
+    """The OpenAI-style error for one of aiohttp's HTTP errors (413, 404, 405, ...)."""
+    code = "request_too_large" if err.status == 413 else err.reason.lower().replace(" ", "_")
+    message = err.text or err.reason
+    if err.status in (404, 405):
+        message = f"{err.reason}: {request.method} {request.path}"
+    return _json_error(err.status, message, param=None, code=code)
 
 
 def _json_error(
