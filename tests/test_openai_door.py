@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 import openai
@@ -331,6 +331,65 @@ def test_a_body_over_max_request_bytes_is_refused(client: openai.OpenAI) -> None
         client.images.edit(image=("big.png", big, "image/png"), prompt="x")
     assert caught.value.status_code == 413
     assert caught.value.code == "request_too_large"
+
+
+def _connect(server: ServerThread) -> socket.socket:
+    """A plain TCP connection to the door, for exchanges no HTTP client would stage."""
+    return socket.create_connection(("127.0.0.1", server.running.http_port or 0), timeout=60)
+
+
+def _read_response(stream: BinaryIO) -> tuple[int, dict[str, str], bytes]:
+    """The next response on a connection: (status, headers by lower-case name, body)."""
+    status_line = stream.readline()
+    assert status_line, "the server closed the connection"
+    headers: dict[str, str] = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, stream.read(int(headers.get("content-length", 0)))
+
+
+def test_the_rest_of_a_refused_body_is_drained_for_a_client_still_sending(door: ServerThread) -> None:
+    # The race of a client still uploading when its 413 is written, made deterministic: the body's
+    # rest is sent only once the 413 has been read. Closing with it unread would reset the
+    # connection (and can lose the 413 of a client that reads only once it has sent everything);
+    # the door reads and discards it instead, so the same connection serves the next request.
+    declared, first = 2 * MAX_REQUEST_BYTES, MAX_REQUEST_BYTES + 1
+    head = "POST /v1/images/generations HTTP/1.1\r\nHost: door\r\nContent-Type: application/json\r\n"
+    with _connect(door) as sock, sock.makefile("rb") as stream:
+        sock.sendall(f"{head}Content-Length: {declared}\r\n\r\n".encode() + b" " * first)
+        status, headers, body = _read_response(stream)
+        assert (status, json.loads(body)["error"]["code"]) == (413, "request_too_large")
+        assert headers.get("connection", "").lower() != "close"
+        sock.sendall(b" " * (declared - first))
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: door\r\n\r\n")
+        status, _, body = _read_response(stream)
+        assert (status, json.loads(body)["object"]) == (200, "list")
+
+
+def test_a_body_declared_over_the_limit_is_refused_before_it_is_sent(door: ServerThread) -> None:
+    # curl's way with large bodies: the headers ask first (Expect: 100-continue); no body follows.
+    head = (
+        "POST /v1/images/edits HTTP/1.1\r\nHost: door\r\nExpect: 100-continue\r\n"
+        f"Content-Type: multipart/form-data; boundary=b0undary\r\nContent-Length: {MAX_REQUEST_BYTES + 1}\r\n"
+    )
+    with _connect(door) as sock, sock.makefile("rb") as stream:
+        sock.sendall(f"{head}\r\n".encode())
+        status, headers, body = _read_response(stream)
+    assert status == 413  # not 100 Continue
+    assert json.loads(body)["error"]["code"] == "request_too_large"
+    assert headers["connection"].lower() == "close"
+
+
+def test_a_body_within_the_limit_is_continued(door: ServerThread) -> None:
+    body = json.dumps({"prompt": "x", "n": "two"}).encode()
+    head = "POST /v1/images/generations HTTP/1.1\r\nHost: door\r\nExpect: 100-continue\r\n"
+    with _connect(door) as sock, sock.makefile("rb") as stream:
+        sock.sendall(f"{head}Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        assert _read_response(stream)[0] == 100
+        sock.sendall(body)
+        status, _, answer = _read_response(stream)
+    assert (status, json.loads(answer)["error"]["param"]) == (400, "n")
 
 
 def test_the_mask_convention_is_converted() -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from google.rpc import error_details_pb2, status_pb2
 from multidict import MultiDictProxy
 
@@ -45,6 +45,11 @@ OWNED_BY = "autopipeline"
 _DETAILS_KEY = "grpc-status-details-bin"
 # How long in-flight HTTP requests may take to finish once the worker has drained.
 _SHUTDOWN_SECONDS = 5.0
+# How long the rest of a body answered before it was read (a 413 once max_request_bytes is passed)
+# is read and discarded before the connection is closed (aiohttp's lingering close). Closing with
+# unread data would reset the connection, and a client still uploading could lose its answer; a
+# client that sends on and on is cut off after this.
+_DRAIN_SECONDS = 10.0
 
 # grpc-gateway's mapping of canonical codes to HTTP statuses (runtime.HTTPStatusFromCode).
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -132,12 +137,17 @@ class OpenAIDoor:
         app = web.Application(
             middlewares=[self._errors], client_max_size=self._settings.limits.max_request_bytes
         )
-        app.router.add_post("/v1/images/generations", self._generations)
-        app.router.add_post("/v1/images/edits", self._edits)
+        app.router.add_post("/v1/images/generations", self._generations, expect_handler=self._expect)
+        app.router.add_post("/v1/images/edits", self._edits, expect_handler=self._expect)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._model)
         # Cancelling the handler when its client disconnects cancels the gRPC call, and so the work.
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_SECONDS)
+        self._runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            shutdown_timeout=_SHUTDOWN_SECONDS,
+            lingering_time=_DRAIN_SECONDS,
+        )
         await self._runner.setup()
         sock = _listen(self._settings.host, self._settings.http_port or 0)
         site = web.SockSite(self._runner, sock, ssl_context=_tls_context(self._settings))
@@ -231,6 +241,32 @@ class OpenAIDoor:
     def _model_object(self, model: pb.ModelInfo) -> dict[str, Any]:
         return {"id": model.name, "object": "model", "created": self._created, "owned_by": OWNED_BY}
 
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue` (curl's way with large bodies): a body declared over the limit is
+        refused before the client sends it; any other gets aiohttp's usual 100 Continue.
+
+        A client that does not ask first (the openai client) has its body read up to the limit
+        instead: refusing it on the declared length alone would leave the whole body, rather than
+        its excess, to the time-bounded drain (_DRAIN_SECONDS), which a slow upload may outlast.
+        """
+        if request.version != HttpVersion11:  # HTTP/1.0 has no 100 Continue: the body comes anyway
+            return None
+        expect = request.headers[hdrs.EXPECT]
+        limit = self._settings.limits.max_request_bytes
+        error: web.HTTPException
+        if expect.lower() != "100-continue":
+            error = web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+        elif request.content_length is not None and request.content_length > limit:
+            error = web.HTTPRequestEntityTooLarge(limit, request.content_length)
+        else:  # as aiohttp's own handler does
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+            return None
+        response = _http_error(error, request)
+        # The body is not coming, so the connection cannot carry another request (RFC 9110, 10.1.1).
+        response.force_close()
+        return response
+
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Draining, the door's own translation errors and HTTP errors, as OpenAI-style JSON errors."""
@@ -241,11 +277,7 @@ class OpenAIDoor:
         except web.HTTPException as err:
             if err.status < 400:
                 raise
-            code = "request_too_large" if err.status == 413 else err.reason.lower().replace(" ", "_")
-            message = err.text or err.reason
-            if err.status in (404, 405):
-                message = f"{err.reason}: {request.method} {request.path}"
-            return _json_error(err.status, message, param=None, code=code)
+            return _http_error(err, request)
         except Exception as err:  # ServingErrors are the caller's; anything else is a bug, logged once
             request_id = uuid.uuid4().hex
             status = to_status(err, request_id)
@@ -407,6 +439,15 @@ def _grpc_error(code: grpc.StatusCode, message: str, trailing: Metadata | None) 
         headers["Retry-After"] = str(retry_after)
     code_name = (reason or code.name).lower()
     return _json_error(status, message, param=param, code=code_name, headers=headers)
+
+
+def _http_error(err: web.HTTPException, request: web.Request) -> web.Response:
+    """The OpenAI-style error for one of aiohttp's HTTP errors (413, 404, 405, ...)."""
+    code = "request_too_large" if err.status == 413 else err.reason.lower().replace(" ", "_")
+    message = err.text or err.reason
+    if err.status in (404, 405):
+        message = f"{err.reason}: {request.method} {request.path}"
+    return _json_error(err.status, message, param=None, code=code)
 
 
 def _json_error(
