@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -145,6 +146,59 @@ def _sample_shape(signature: Signature) -> Shape:
     return named.get("0") or named.get("sample") or named.get("hidden_states") or ()
 
 
+class _StanceGate:
+    """Keeps hot calls (under dynamo's `fail_on_recompile` stance) and compiling calls apart, process-wide.
+
+    The stance is one global of the process, not of a thread, while each device has its own thread:
+    a hot call on one device would make another device's warm-up compile fail ("Detected recompile"),
+    and two threads' `set_stance` contexts that interleave leave the stance stuck at
+    `fail_on_recompile` for good. So the stance is set while at least one hot call runs and restored
+    when the last one ends; a compiling call waits for the hot calls running (a graph launch each) and,
+    while it compiles, hot calls on other devices run eagerly rather than wait for a compiler.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._hot = 0
+        self._compiling = 0
+        self._stance: Any = None  # the set_stance object whose exit restores the stance before it
+
+    @contextlib.contextmanager
+    def hot(self) -> Iterator[bool]:
+        """Yields True with the stance set for a compiled call; False while another thread compiles."""
+        with self._lock:
+            admitted = not self._compiling
+            if admitted:
+                self._hot += 1
+                if self._hot == 1:
+                    self._stance = torch.compiler.set_stance("fail_on_recompile")
+        try:
+            yield admitted
+        finally:
+            if admitted:
+                with self._lock:
+                    self._hot -= 1
+                    if self._hot == 0:
+                        self._stance.__exit__(None, None, None)
+                        self._stance = None
+                        self._lock.notify_all()
+
+    @contextlib.contextmanager
+    def compiling(self) -> Iterator[None]:
+        with self._lock:
+            self._compiling += 1  # from now on other threads' hot calls run eagerly
+            self._lock.notify_all()
+            self._lock.wait_for(lambda: self._hot == 0)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._compiling -= 1
+
+
+_GATE = _StanceGate()
+
+
 class DenoiserDispatcher:
     """Stands in for the denoiser's `forward`: warmed shapes run compiled, every other shape eagerly.
 
@@ -193,20 +247,22 @@ class DenoiserDispatcher:
         args, kwargs = _normalise_inputs(args, kwargs)
         signature = _signature(args, kwargs)
         if self._warming is not None:
-            result = self._compiled(args, kwargs)
+            with _GATE.compiling():
+                result = self._compiled(args, kwargs)
             self.ready.setdefault(signature, self._warming)
             return result
         if signature in self.ready:
-            try:
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    result = self._compiled(args, kwargs)
-                self.compiled_calls += 1
-                return result
-            except RuntimeError as err:
-                if _RECOMPILE_MESSAGE not in str(err):
-                    raise
-                self.eager_fallbacks += 1
-                log.warning("a warmed shape %s failed its guards; ran eagerly: %s", signature, err)
+            with _GATE.hot() as admitted:
+                if admitted:
+                    try:
+                        result = self._compiled(args, kwargs)
+                        self.compiled_calls += 1
+                        return result
+                    except RuntimeError as err:
+                        if _RECOMPILE_MESSAGE not in str(err):
+                            raise
+                        log.warning("a warmed shape %s failed its guards; ran eagerly: %s", signature, err)
+            self.eager_fallbacks += 1  # guards failed, or another device's thread was compiling
         self.eager_calls += 1
         return self.eager_forward(*args, **kwargs)
 
@@ -360,6 +416,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     model serving eagerly, with the error in the report, rather than failing the model.
     """
     from autopipeline_server.calls import QuietHooks, run_call
+    from autopipeline_server.pipelines import pin_signatures
     from autopipeline_server.prepare import prepare_with_inputs
 
     report = AccelerationReport(requested=plan.requested, mode=plan.mode)
@@ -374,14 +431,20 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     report.cache_loaded = _load_megacache(cache_file)
     hits_before = counters["inductor"]["fxgraph_cache_hit"]
     misses_before = counters["inductor"]["fxgraph_cache_miss"]
-    # Each declared shape (per task, where guards differ) is its own graph: allow all of them.
+    # Each declared shape (per task, where guards differ) is its own graph: allow all of them. The
+    # limit counts per code object, and every model of one denoiser class (on every device, and each
+    # on-demand load) shares its `forward`'s: each model adds its room to what earlier ones used, or
+    # a later model's warm-up would silently run eagerly at the limit while reporting its shapes compiled.
     requests = list(_hot_requests(model, plan))
-    limit = max(torch._dynamo.config.recompile_limit, 2 * len(requests) + 8)
-    torch._dynamo.config.recompile_limit = limit
+    room = 2 * len(requests)
+    torch._dynamo.config.recompile_limit += room
     torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, limit
+        torch._dynamo.config.accumulated_recompile_limit, torch._dynamo.config.recompile_limit
     )
     _prepare_denoiser(module, model)
+    # Before anything compiles: pinning sets `__signature__` on the attention processors' `__call__`,
+    # which dynamo traces (`inspect.signature`); no guard may see it change after its graph was built.
+    pin_signatures(model)
     dispatcher = DenoiserDispatcher(module, compile_mode=plan.compile_mode)
     module.forward = dispatcher
     report.dispatcher = dispatcher

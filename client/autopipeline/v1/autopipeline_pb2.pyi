@@ -1510,7 +1510,9 @@ class Acceleration(_message.Message):
     eager_calls: _builtins.int
     """Denoiser calls that ran eagerly since start-up (shapes that were not declared)."""
     eager_fallbacks: _builtins.int
-    """Calls at a declared shape that ran eagerly because the compiled graph's guards failed."""
+    """Calls at a declared shape that ran eagerly: the compiled graph's guards failed, or another
+    device's thread was compiling at that moment.
+    """
     error: _builtins.str
     """Why the model runs eagerly although compiling was asked for; empty otherwise."""
     adapter_calls: _builtins.int
