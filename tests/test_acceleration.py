@@ -197,6 +197,17 @@ def test_the_cache_dir_holds_artifacts_and_a_second_load_hits_them(
     assert again.compiled_shapes == first.compiled_shapes
 
 
+def test_graphs_left_without_cuda_graphs_are_counted(checkpoints: dict[str, Path], cache_dir: Path) -> None:
+    # A CPU has no CUDA graphs: every graph of the mode that asks for them is one Inductor skips.
+    plan = dataclasses.replace(
+        _plan(cache_dir), shapes=((64, 64, 1),), max_batch_size=1, compile_mode="reduce-overhead"
+    )
+    report = accelerate(_load(checkpoints["sd15"]), plan)
+    assert report.error == "" and report.compiled_shapes
+    assert report.cudagraph_skips >= 1
+    assert convert.acceleration_info(report).cudagraph_skips == report.cudagraph_skips
+
+
 def test_settings_parse_acceleration_and_hot_shapes(tmp_path: Path) -> None:
     settings = load_settings(
         {"models": [ModelSpec("m", "/m")], "compile_shapes": "512x512, 768x512x4"},

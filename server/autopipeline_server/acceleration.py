@@ -35,6 +35,9 @@ MEGACACHE_FOLDER = "autopipeline-megacache"
 WARMUP_STEPS = 3
 # Dynamo's message when `fail_on_recompile` stops a recompile; anything else is a real error.
 _RECOMPILE_MESSAGE = "Detected recompile"
+# Where Inductor says why it left a compiled graph without CUDA graphs (it also counts them, in
+# counters["inductor"]["cudagraph_skips"]): such a graph runs compiled but launch-bound, like eager.
+_CUDAGRAPH_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
 
 Shape = tuple[int, ...]
 Signature = tuple[tuple[str, Shape], ...]
@@ -103,6 +106,10 @@ class AccelerationReport:
     cache_loaded: bool = False  # a mega-cache file for this model, torch and device was found and loaded
     cache_hits: int = 0  # Inductor FX graph cache hits during warm-up
     cache_misses: int = 0
+    # Graphs compiled during warm-up that run without CUDA graphs although the mode asks for them,
+    # and Inductor's reason for the first (where it gives one).
+    cudagraph_skips: int = 0
+    cudagraph_skip_reason: str = ""
     error: str = ""
     dispatcher: DenoiserDispatcher | None = None
 
@@ -358,6 +365,36 @@ def _save_megacache(path: Path | None) -> None:
     log.info("saved compile cache %s (%d bytes)", path, len(artifacts[0]))
 
 
+class _Messages(logging.Handler):
+    """Keeps the messages a logger emits while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _cudagraph_skips(report: AccelerationReport, plan: AccelerationPlan) -> Iterator[None]:
+    """Adds to the report the graphs compiled meanwhile that Inductor left without CUDA graphs."""
+    if plan.compile_mode != "reduce-overhead":
+        yield
+        return
+    before = counters["inductor"]["cudagraph_skips"]
+    reasons = _Messages()
+    logger = logging.getLogger(_CUDAGRAPH_LOGGER)
+    logger.addHandler(reasons)
+    try:
+        yield
+    finally:
+        logger.removeHandler(reasons)
+        report.cudagraph_skips += counters["inductor"]["cudagraph_skips"] - before
+        if reasons.messages and not report.cudagraph_skip_reason:
+            report.cudagraph_skip_reason = reasons.messages[0]
+
+
 def _hot_requests(model: LoadedModel, plan: AccelerationPlan) -> Iterator[tuple[GenerationRequest, int]]:
     """One warm-up request per task, declared size and batch size (default: the model's own size)."""
     for task, target in model.tasks.items():
@@ -452,7 +489,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     try:
         for request, batch in requests:
             known = set(dispatcher.ready)
-            with dispatcher.warming(request.task):
+            with dispatcher.warming(request.task), _cudagraph_skips(report, plan):
                 run_call(prepare_with_inputs(model, request), QuietHooks())
             assert request.width is not None
             assert request.height is not None
@@ -472,6 +509,13 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
         report.cache_misses = counters["inductor"]["fxgraph_cache_miss"] - misses_before
     if report.cache_misses or not report.cache_loaded:
         _save_megacache(cache_file)
+    if report.cudagraph_skips:
+        log.warning(
+            "%s: %d compiled graphs run without CUDA graphs, about as slow as eager (%s)",
+            model.spec.name,
+            report.cudagraph_skips,
+            report.cudagraph_skip_reason or "Inductor gave no reason; TORCH_LOGS=cudagraphs shows more",
+        )
     log.info(
         "%s: compiled %d denoiser shapes for %d requests in %.1fs (%s; cache %s, %d hits, %d misses): %s",
         model.spec.name,
