@@ -1,30 +1,46 @@
 """GPU benchmark: direct diffusers vs this server, eager and compiled, on full-size random-weight checkpoints.
 
-Builds SD 1.5- and SDXL-architecture checkpoints offline (the real configs, random weights scaled down
-so float16 stays finite, in-memory tokenizers as in tiny.py), then prints one table: direct eager,
-served eager and served compiled (p50/p95, time to first event, first step), images/s with 1/8/16
-clients with batching off and on against the direct batched ceiling, cold start with an empty and a
-warm compile cache, and GPU memory.
+Builds SD 1.5- and SDXL-architecture checkpoints offline (the real configs, random weights scaled down,
+saved in float16 as the server loads them, in-memory tokenizers as in tiny.py), then prints one row per
+phase as soon as it is measured: direct eager, served eager and served compiled (p50/p95, time to first
+event, first step, an undeclared size, images/s with 1/8/16 clients with batching off and on against the
+direct batched ceiling), cold start with an empty and a warm compile cache, the compiled/eager denoiser
+calls the server counted, GPU memory, and how far compiled images are from eager ones.
 
-    python benchmarks/gpu.py                      # CUDA, both architectures (aims at < 8 min on an H100)
+Made for one unattended run: every phase is timed against `--budget` (a phase that cannot start in time
+is printed as skipped, a server that cannot become SERVING in the time left is stopped), throughput is
+measured over a time window whose unfinished requests are cancelled, and a failing phase prints its
+error and the server's last log lines, then the run goes on.
+
+    python benchmarks/gpu.py                      # CUDA, both architectures, within --budget (420 s)
     python benchmarks/gpu.py --tiny --device cpu  # smoke test: tiny checkpoint, small numbers
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
+import itertools
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
-from _serve import build_checkpoint, server_process
+import numpy as np
+import PIL.Image
+from _serve import build_checkpoint, served_process
 
 from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline.v1 import autopipeline_pb2_grpc as pb_grpc
@@ -33,6 +49,9 @@ FULL = {  # family: (size, steps)
     "sd15": (512, 25),
     "sdxl": (1024, 20),
 }
+# Seconds kept back from the budget for stopping a server and printing.
+RESERVE = 15.0
+T = TypeVar("T")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -40,14 +59,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class Budget:
+    """The run's deadline: phases ask what is left before they start, servers get it as their start limit."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic() - RESERVE
+
+
 # ------------------------------------------------------------------------------ full-size checkpoints
 
 
-def build_full_checkpoint(family: str, out: Path) -> Path:
+def build_full_checkpoint(family: str, out: Path, log: Path) -> Path:
     """The real SD 1.5 / SDXL architectures, random weights (built in a child: this process has no torch)."""
     here = str(Path(__file__).parent)
     code = f"import sys; sys.path.insert(0, {here!r}); import gpu; gpu._build_full({family!r}, {str(out)!r})"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    _child([sys.executable, "-c", code], log)
     return out
 
 
@@ -118,129 +147,372 @@ def _build_full(family: str, out: str) -> None:
             ),
             image_encoder=None, feature_extractor=None,
         )  # fmt: skip
-    with torch.no_grad():  # default initialisation overflows float16 across dozens of blocks
+    # Margin for float16: measured in float32 on SD 1.5, the largest activation of any block is ~14.
+    with torch.no_grad():
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 for parameter in module.parameters():
                     if parameter.dim() >= 2:
                         parameter.mul_(0.5)
-    pipe.save_pretrained(out, safe_serialization=True)
+    # Saved as the server and the direct baseline load it: half the bytes to write and to read back
+    # in each of the five processes of a family (SDXL: 7 GB instead of 14).
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
 
 
 # --------------------------------------------------------------------------------------- measuring
 
 
-def direct(
-    checkpoint: Path, device: str, size: int, steps: int, requests: int, batch: int
-) -> dict[str, float]:
+def _child(command: list[str], log: Path) -> str:
+    """Runs a child to completion and returns its stdout; its stderr goes to `log`."""
+    with log.open("w") as stderr:
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"the child process exited with {result.returncode} (its log: {log})")
+    return result.stdout
+
+
+def _tail(log: Path, lines: int = 25) -> str:
+    try:
+        text = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    | " + line for line in text[-lines:])
+
+
+def direct(checkpoint: Path, args: argparse.Namespace, size: int, steps: int, log: Path) -> dict[str, Any]:
     """Direct diffusers in a child process: p50/p95 of one image, and images/s at `batch` per call."""
-    code = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import gpu, json; "
-        f"print(json.dumps(gpu._direct({str(checkpoint)!r}, {device!r}, "
-        f"{size}, {steps}, {requests}, {batch})))"
+    call = (
+        f"gpu._direct({str(checkpoint)!r}, {args.device!r}, {size}, {steps}, {args.requests}, {args.batch}, "
+        f"{args.latency_seconds})"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    here = str(Path(__file__).parent)
+    code = f"import sys; sys.path.insert(0, {here!r}); import gpu, json; print(json.dumps({call}))"
+    return dict(json.loads(_child([sys.executable, "-c", code], log).strip().splitlines()[-1]))
 
 
 def _direct(
-    checkpoint: str, device: str, size: int, steps: int, requests: int, batch: int
+    checkpoint: str, device: str, size: int, steps: int, requests: int, batch: int, seconds: float
 ) -> dict[str, float]:
     import torch
     from diffusers import AutoPipelineForText2Image
 
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    cuda = device.startswith("cuda")
+    dtype = torch.float16 if cuda else torch.float32
     pipe = AutoPipelineForText2Image.from_pretrained(checkpoint, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
 
     def run(n: int) -> float:
         started = time.perf_counter()
         pipe(["a lighthouse"] * n, num_inference_steps=steps, width=size, height=size)
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
     run(1)
-    singles = [run(1) for _ in range(requests)]
+    singles = _repeat(lambda _: run(1), requests, seconds)
     run(batch)
-    batched = [run(batch) for _ in range(max(2, requests // 4))]
+    batched = _repeat(lambda _: run(batch), 2, 0.0)
+    used = 0.0
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        used = (total - free) / 2**30
     return {
         "p50": statistics.median(singles),
         "p95": percentile(singles, 0.95),
+        "images_per_s_1": len(singles) / sum(singles),
         "ceiling": batch / statistics.median(batched),
-        "memory": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0,
+        "gib": used,  # the whole device, as nvidia-smi reports it for the served rows
     }
 
 
-def _one(
-    stub: pb_grpc.AutoPipelineServiceStub, size: int, steps: int, seed: int
-) -> tuple[float, float, float]:
-    """(total, time to first event, time to first progress step) of one request."""
+def _repeat(measure: Callable[[int], T], count: int, seconds: float) -> list[T]:
+    """`count` measurements, or fewer (at least 3) once `seconds` have gone by (0: no time limit)."""
+    results: list[T] = []
+    started = time.monotonic()
+    while len(results) < count:
+        results.append(measure(len(results)))
+        if seconds and len(results) >= 3 and time.monotonic() - started > seconds:
+            break
+    return results
+
+
+@dataclass
+class One:
+    total: float
+    first_event: float
+    first_step: float
+    image: bytes
+
+
+def _one(stub: pb_grpc.AutoPipelineServiceStub, width: int, height: int, steps: int, seed: int) -> One:
+    """One text-to-image request: its latency, time to first event and to first step, and its PNG."""
     request = pb.GenerateRequest(
         task=pb.TASK_TEXT_TO_IMAGE,
         prompt="a lighthouse",
         num_inference_steps=steps,
-        width=size,
-        height=size,
+        width=width,
+        height=height,
         seed=seed,
     )
     started = time.perf_counter()
     first = first_step = 0.0
+    chunks: list[bytes] = []
     for event in stub.Generate(request):
         now = time.perf_counter() - started
         first = first or now
         if event.HasField("progress") and not first_step:
             first_step = now
-    return time.perf_counter() - started, first, first_step
-
-
-def served(checkpoint: Path, args: argparse.Namespace, size: int, steps: int, *flags: str) -> dict[str, Any]:
-    """Starts a server with `flags`; latency of one client, then images/s with several clients."""
-    began = time.perf_counter()
-    with server_process("--model", f"m={checkpoint}", "--device", args.device, *flags) as target:
-        cold = time.perf_counter() - began
-        with grpc.insecure_channel(target) as channel:
-            stub = pb_grpc.AutoPipelineServiceStub(channel)
-            _one(stub, size, steps, 0)
-            runs = [_one(stub, size, steps, i) for i in range(args.requests)]
-            throughput = {
-                clients: _throughput(stub, size, steps, clients, args.requests) for clients in args.clients
-            }
-            model = stub.Inspect(pb.InspectRequest()).models[0]
-    return {
-        "p50": statistics.median(r[0] for r in runs),
-        "p95": percentile([r[0] for r in runs], 0.95),
-        "ttfe": statistics.median(r[1] for r in runs),
-        "first_step": statistics.median(r[2] for r in runs),
-        "throughput": throughput,
-        "cold": cold,
-        "mode": model.acceleration.mode,
-        "compile": model.acceleration.compile_time.ToTimedelta().total_seconds(),
-        "cache_hits": model.acceleration.cache_hits,
-        "eager_calls": model.acceleration.eager_calls,
-    }
+        if event.HasField("image") and event.image.index == 0:
+            chunks.append(event.image.image.data)
+    return One(time.perf_counter() - started, first, first_step, b"".join(chunks))
 
 
 def _throughput(
-    stub: pb_grpc.AutoPipelineServiceStub, size: int, steps: int, clients: int, requests: int
+    stub: pb_grpc.AutoPipelineServiceStub, size: int, steps: int, clients: int, window: float, limit: float
 ) -> float:
-    per_client = max(1, requests // clients) if clients > 1 else requests
-    done = [0]
+    """Images/s of `clients` clients sending back to back, for `window` s and `clients` images at least.
+
+    When both are reached (or `limit` seconds have gone by), the requests still running are cancelled,
+    so the server is idle again at once instead of working off a queue nobody measures.
+    """
+    done: list[float] = []
+    errors: list[BaseException] = []
+    running: dict[int, Any] = {}
     lock = threading.Lock()
+    stop = threading.Event()
 
     def client(index: int) -> None:
-        for i in range(per_client):
-            _one(stub, size, steps, index * 1000 + i)
-            with lock:
-                done[0] += 1
+        try:
+            send(index)
+        except BaseException as err:  # raised again below, in the measuring thread
+            errors.append(err)
+            stop.set()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    def send(index: int) -> None:
+        for i in itertools.count():
+            request = pb.GenerateRequest(
+                task=pb.TASK_TEXT_TO_IMAGE, prompt=f"a lighthouse {index}", num_inference_steps=steps,
+                width=size, height=size, seed=index * 1_000_000 + i,
+            )  # fmt: skip
+            with lock:
+                if stop.is_set():
+                    return
+                call = running[index] = stub.Generate(request)
+            try:
+                for _ in call:
+                    pass
+            except grpc.RpcError:
+                if stop.is_set():
+                    return
+                raise
+            with lock:
+                done.append(time.perf_counter())
+
     started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
+    while time.perf_counter() - started < limit and not stop.is_set():
+        if time.perf_counter() - started >= window and len(done) >= clients:
+            break
+        time.sleep(0.05)
+    with lock:
+        stop.set()
+        for call in running.values():
+            call.cancel()
     for thread in threads:
-        thread.join()
-    return done[0] / (time.perf_counter() - started)
+        thread.join(30)
+    if errors:
+        raise errors[0]
+    if not done:
+        return 0.0
+    return len(done) / (max(done) - started)
+
+
+class GpuMemory:
+    """Peak memory used on the device (GiB, the whole GPU), sampled from nvidia-smi once a second."""
+
+    def __init__(self, device: str) -> None:
+        self._index = _physical_index(device)
+        self.peak: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        if self._index is None or shutil.which("nvidia-smi") is None:
+            return
+        query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", self._index]
+        with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+            out = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
+            used = float(out.strip().splitlines()[0]) / 1024
+            self.peak = max(self.peak or 0.0, used)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self._sample()
+
+    def __enter__(self) -> GpuMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+
+
+def _physical_index(device: str) -> str | None:
+    if not device.startswith("cuda"):
+        return None
+    index = int(device.partition(":")[2] or 0)
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
+@dataclass
+class Served:
+    start: float
+    p50: float = 0.0
+    p95: float = 0.0
+    ttfe: float = 0.0
+    first_step: float = 0.0
+    off_shape: float | None = None
+    throughput: dict[int, float] = field(default_factory=dict)
+    acceleration: Any = None
+    gib: float | None = None
+    image: bytes = b""
+
+
+def served(
+    checkpoint: Path, args: argparse.Namespace, budget: Budget, size: int, steps: int, log: Path, *flags: str
+) -> Served:
+    """Starts a server with `flags`: one client's latency, an undeclared size, several clients' images/s."""
+    began = time.perf_counter()
+    with (
+        GpuMemory(args.device) as memory,
+        served_process(
+            "--model", f"m={checkpoint}", "--device", args.device, *flags,
+            log=log, ready_within=budget.left(), log_level="INFO",
+        ) as (target, _),
+        grpc.insecure_channel(target) as channel,
+    ):  # fmt: skip
+        result = Served(start=time.perf_counter() - began)
+        stub = pb_grpc.AutoPipelineServiceStub(channel)
+        result.image = _one(stub, size, size, steps, 0).image
+        runs = _repeat(lambda i: _one(stub, size, size, steps, i + 1), args.requests, args.latency_seconds)
+        result.p50 = statistics.median(r.total for r in runs)
+        result.p95 = percentile([r.total for r in runs], 0.95)
+        result.ttfe = statistics.median(r.first_event for r in runs)
+        result.first_step = statistics.median(r.first_step for r in runs)
+        if args.off_shape_requests:
+            width, height = _off_shape(size)
+            off = [_one(stub, width, height, steps, 100 + i).total for i in range(args.off_shape_requests)]
+            result.off_shape = statistics.median(off)
+        result.throughput[1] = len(runs) / sum(r.total for r in runs)
+        for clients in (c for c in args.clients if c > 1):
+            limit = min(4 * args.window, max(budget.left() - 10, 1.0))
+            result.throughput[clients] = _throughput(stub, size, steps, clients, args.window, limit)
+        result.acceleration = stub.Inspect(pb.InspectRequest()).models[0].acceleration
+    result.gib = memory.peak
+    return result
+
+
+def _off_shape(size: int) -> tuple[int, int]:
+    """A size no server here declares (so compiled servers run it eagerly): 3/4 of the width."""
+    return size * 3 // 4 // 8 * 8, size
+
+
+def image_difference(a: bytes, b: bytes) -> str:
+    """Max and mean absolute difference of two PNGs, in 8-bit levels."""
+    if not a or not b:
+        return "n/a"
+    first = np.asarray(PIL.Image.open(io.BytesIO(a)).convert("RGB"), dtype=np.int16)
+    second = np.asarray(PIL.Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.int16)
+    if first.shape != second.shape:
+        return f"shapes {first.shape} vs {second.shape}"
+    delta = np.abs(first - second)
+    return f"max {int(delta.max())} mean {float(delta.mean()):.2f}"
+
+
+# ---------------------------------------------------------------------------------------- printing
+
+COLUMNS = (
+    ("model", 22),
+    ("path", 38),
+    ("start s", 28),
+    ("p50 ms", 8),
+    ("p95 ms", 8),
+    ("TTFE ms", 8),
+    ("1st step ms", 11),
+    ("off-shape ms", 12),
+    ("images/s by clients", 30),
+    ("denoiser calls c/e/f", 20),
+    ("GiB", 5),
+    ("vs served eager", 16),
+)
+
+
+def emit(*cells: str) -> None:
+    line = "  ".join(str(cell).ljust(width) for cell, (_, width) in zip(cells, COLUMNS, strict=True))
+    print(line.rstrip(), flush=True)
+
+
+def note(text: str) -> None:
+    print(f"  ! {text}", flush=True)
+
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def served_row(label: str, name: str, result: Served, reference: bytes | None) -> None:
+    """One served phase's row; `reference`: the served eager image of the same request (None: this is it)."""
+    acc = result.acceleration
+    start = f"{result.start:.1f}"
+    if acc.mode == "compile":
+        start += f" (compile {acc.compile_time.ToTimedelta().total_seconds():.1f}, hits {acc.cache_hits})"
+    emit(
+        label,
+        f"{name} [{acc.mode}]",
+        start,
+        _ms(result.p50),
+        _ms(result.p95),
+        _ms(result.ttfe),
+        _ms(result.first_step),
+        _ms(result.off_shape),
+        " / ".join(f"{c}:{v:.2f}" for c, v in result.throughput.items()),
+        f"{acc.compiled_calls}/{acc.eager_calls}/{acc.eager_fallbacks}",
+        _gib(result.gib),
+        "(reference)" if reference is None else image_difference(reference, result.image),
+    )
+    if acc.error:
+        note(f"acceleration error: {acc.error}")
+    if acc.cudagraph_skips:
+        reason = acc.cudagraph_skip_reason or "no reason given"
+        note(f"{acc.cudagraph_skips} compiled graphs run without CUDA graphs (launch-bound): {reason}")
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+@contextlib.contextmanager
+def phase(name: str, budget: Budget, needs: float, log: Path | None = None) -> Iterator[bool]:
+    """Runs a phase if `needs` seconds are left; a failure prints the log's tail, and the run goes on."""
+    if budget.left() < needs:
+        note(f"{name}: skipped, {max(budget.left(), 0):.0f}s of the budget left")
+        yield False
+        return
+    started = time.monotonic()
+    try:
+        yield True
+    except Exception as err:
+        note(f"{name}: FAILED after {time.monotonic() - started:.0f}s: {type(err).__name__}: {err}")
+        if log is not None and log.exists():
+            print(_tail(log), flush=True)
 
 
 def main() -> None:
@@ -250,76 +522,83 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoints, 64x64, 4 steps (a smoke test)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--families", default="sd15,sdxl")
-    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds the whole run may take")
+    parser.add_argument("--requests", type=int, default=10, help="latency requests per phase (at most)")
+    parser.add_argument(
+        "--latency-seconds", type=float, default=15.0, help="end latency runs after this (3 at least)"
+    )
+    parser.add_argument("--off-shape-requests", type=int, default=3, help="requests at an undeclared size")
     parser.add_argument("--clients", default="1,8,16")
+    parser.add_argument("--window", type=float, default=8.0, help="seconds of each throughput measurement")
     parser.add_argument("--batch", type=int, default=8, help="max batch size when batching is on")
+    parser.add_argument("--keep", metavar="DIR", help="keep checkpoints, caches and logs here")
+    parser.add_argument("--logs", metavar="DIR", help="write the servers' and children's logs here")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
-    rows: list[tuple[str, ...]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for family in args.families.split(","):
-            size, steps = (64, 4) if args.tiny else FULL[family]
-            out = Path(tmp) / family
-            checkpoint = build_checkpoint(family, out) if args.tiny else build_full_checkpoint(family, out)
-            cache = str(Path(tmp) / f"cache-{family}")
-            shapes = f"{size}x{size}"
-            base = direct(checkpoint, args.device, size, steps, args.requests, args.batch)
-            eager = served(checkpoint, args, size, steps, "--acceleration", "off")
-            batching = ("--max-batch-size", str(args.batch), "--max-batch-delay-ms", "20")
-            eager_b = served(checkpoint, args, size, steps, "--acceleration", "off", *batching)
-            compiled_cold = served(
-                checkpoint, args, size, steps, "--acceleration", "compile", "--compile-shapes", shapes,
-                "--compile-cache-dir", cache, *batching,
-            )  # fmt: skip
-            compiled_warm = served(
-                checkpoint, args, size, steps, "--acceleration", "compile", "--compile-shapes", shapes,
-                "--compile-cache-dir", cache, *batching,
-            )  # fmt: skip
-            label = f"{family} {size}x{size} {steps} steps"
-            rows.append(
-                (
-                    label,
-                    "direct eager",
-                    *_ms(base["p50"], base["p95"]),
-                    "",
-                    "",
-                    f"{base['ceiling']:.2f} (batch {args.batch})",
-                    "",
-                    f"{base['memory']:.1f}",
-                )
-            )
-            for name, result in (
-                ("served eager", eager),
-                ("served eager, batching", eager_b),
-                ("served compiled, cold cache", compiled_cold),
-                ("served compiled, warm cache", compiled_warm),
-            ):
-                rows.append((
-                    label, f"{name} [{result['mode']}]", *_ms(result["p50"], result["p95"]),
-                    f"{result['ttfe'] * 1000:.1f}", f"{result['first_step'] * 1000:.1f}",
-                    " / ".join(f"{c}:{v:.2f}" for c, v in result["throughput"].items()),
-                    f"{result['cold']:.1f} (compile {result['compile']:.1f}, hits {result['cache_hits']})",
-                    "",
-                ))  # fmt: skip
-    header = (
-        "model",
-        "path",
-        "p50 ms",
-        "p95 ms",
-        "TTFE ms",
-        "1st step ms",
-        "images/s by clients",
-        "start s",
-        "GiB",
+    budget = Budget(args.budget)
+    print(
+        f"device {args.device}; served batching: max {args.batch}, delay 20 ms; budget {args.budget:.0f}s; "
+        "denoiser calls: compiled/eager/eager fallbacks; GiB: peak used on the whole GPU (nvidia-smi)",
+        flush=True,
     )
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    print(f"device {args.device}; served batching: max {args.batch}, delay 20 ms")
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+    emit(*(name for name, _ in COLUMNS))
+    with contextlib.ExitStack() as stack:
+        root = Path(args.keep) if args.keep else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        logs = Path(args.logs) if args.logs else root
+        for folder in (root, logs):
+            folder.mkdir(parents=True, exist_ok=True)
+        for family in args.families.split(","):
+            run_family(family, args, budget, root, logs)
+    note(f"done in {args.budget - (budget.deadline - time.monotonic()):.0f}s")
 
 
-def _ms(*seconds: float) -> tuple[str, ...]:
-    return tuple(f"{s * 1000:.1f}" for s in seconds)
+def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path, logs: Path) -> None:
+    size, steps = (64, 4) if args.tiny else FULL[family]
+    label = f"{family} {size}x{size} {steps} steps"
+    out, cache = root / family, root / f"cache-{family}"
+    log = logs / f"{family}-build.log"
+    checkpoint: Path | None = None
+    with phase(f"{family} checkpoint", budget, 60, log) as go:
+        if go:
+            started = time.monotonic()
+            build = build_checkpoint if args.tiny else functools.partial(build_full_checkpoint, log=log)
+            checkpoint = build(family, out)
+            note(f"{family}: checkpoint built in {time.monotonic() - started:.0f}s")
+    if checkpoint is None:
+        return
+    log = logs / f"{family}-direct.log"
+    with phase(f"{family} direct", budget, 30, log) as go:
+        if go:
+            with GpuMemory(args.device) as memory:
+                base = direct(checkpoint, args, size, steps, log)
+            emit(
+                label, "direct eager", "", _ms(base["p50"]), _ms(base["p95"]), "", "", "",
+                f"1:{base['images_per_s_1']:.2f} / ceiling {base['ceiling']:.2f} (batch {args.batch})",
+                "", _gib(memory.peak or base["gib"] or None), "",
+            )  # fmt: skip
+    batching = ("--max-batch-size", str(args.batch), "--max-batch-delay-ms", "20")
+    shapes = f"{size}x{size}"
+    compiled = ("--acceleration", "compile", "--compile-shapes", shapes, "--compile-cache-dir", str(cache))
+    reference: bytes | None = None  # the served eager image of seed 0
+    runs: list[tuple[str, tuple[str, ...], float]] = [
+        ("served eager", ("--acceleration", "off"), 45),
+        ("served eager, batching", ("--acceleration", "off", *batching), 45),
+        ("served compiled, cold cache", (*compiled, *batching), 120),
+        ("served compiled, warm cache", (*compiled, *batching), 60),
+    ]
+    for name, flags, needs in runs:
+        if name.endswith("warm cache") and not any(cache.glob("*")):
+            note(f"{family} {name}: skipped, the cold run left no cache")
+            continue
+        if name.endswith("cold cache"):  # cold also where --keep names a folder of an earlier run
+            shutil.rmtree(cache, ignore_errors=True)
+        log = logs / f"{family}-{name.replace(' ', '-').replace(',', '')}.log"
+        with phase(f"{family} {name}", budget, needs, log) as go:
+            if go:
+                result = served(checkpoint, args, budget, size, steps, log, *flags)
+                served_row(label, name, result, reference)
+                if reference is None and result.acceleration.mode == "off":
+                    reference = result.image
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import threading
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ from autopipeline_server.acceleration import (
     MEGACACHE_FOLDER,
     AccelerationPlan,
     AccelerationReport,
+    _StanceGate,
     accelerate,
     configure_cache,
 )
@@ -192,6 +197,17 @@ def test_the_cache_dir_holds_artifacts_and_a_second_load_hits_them(
     assert again.compiled_shapes == first.compiled_shapes
 
 
+def test_graphs_left_without_cuda_graphs_are_counted(checkpoints: dict[str, Path], cache_dir: Path) -> None:
+    # A CPU has no CUDA graphs: every graph of the mode that asks for them is one Inductor skips.
+    plan = dataclasses.replace(
+        _plan(cache_dir), shapes=((64, 64, 1),), max_batch_size=1, compile_mode="reduce-overhead"
+    )
+    report = accelerate(_load(checkpoints["sd15"]), plan)
+    assert report.error == "" and report.compiled_shapes
+    assert report.cudagraph_skips >= 1
+    assert convert.acceleration_info(report).cudagraph_skips == report.cudagraph_skips
+
+
 def test_settings_parse_acceleration_and_hot_shapes(tmp_path: Path) -> None:
     settings = load_settings(
         {"models": [ModelSpec("m", "/m")], "compile_shapes": "512x512, 768x512x4"},
@@ -209,3 +225,87 @@ def test_settings_parse_acceleration_and_hot_shapes(tmp_path: Path) -> None:
                 {"png_compress_level": 10}, {"compile_shapes": "4096x512"}):  # fmt: skip
         with pytest.raises(ConfigError):
             load_settings({"models": "m=/m", **bad}, {})
+
+
+# ------------------------------------------------------------------------ several devices' threads
+# dynamo's compile stance is one global of the process; each device has a thread of its own.
+
+
+_FRESH = itertools.count()
+
+
+def _double_plus_one(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
+
+
+def _fresh_compiled() -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function never compiled before (dynamo caches by code object): its first call compiles."""
+    code = _double_plus_one.__code__.replace(co_name=f"fresh_{next(_FRESH)}")
+    return torch.compile(types.FunctionType(code, globals()), backend="eager")  # type: ignore[no-any-return]
+
+
+def _in_thread(body: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_hot_call_on_one_thread_does_not_fail_a_compile_on_another() -> None:
+    gate = _StanceGate()
+    hot_running = threading.Event()
+    errors: list[BaseException] = []
+
+    def hot() -> None:
+        with gate.hot() as admitted:
+            assert admitted
+            hot_running.set()
+            with gate._lock:  # leave only once the other thread has asked to compile
+                gate._lock.wait_for(lambda: gate._compiling == 1)
+
+    def compile_elsewhere() -> None:
+        hot_running.wait()
+        try:
+            with gate.compiling():  # waits for the hot call, then compiles under the default stance
+                _fresh_compiled()(torch.ones(3))
+        except BaseException as err:  # reported below: a thread cannot raise into the test
+            errors.append(err)
+
+    threads = [_in_thread(hot), _in_thread(compile_elsewhere)]
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_interleaved_hot_calls_of_two_threads_leave_the_default_stance() -> None:
+    gate = _StanceGate()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with gate.hot():
+            first_in.set()
+            second_in.wait()
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait()
+        with gate.hot():
+            second_in.set()
+            first_out.wait()  # the first thread leaves before this one does
+
+    for thread in [_in_thread(first), _in_thread(second)]:
+        thread.join()
+    _fresh_compiled()(torch.ones(3))  # compiles: the stance is no longer fail_on_recompile
+
+
+def test_a_hot_call_while_another_thread_compiles_runs_eagerly() -> None:
+    gate = _StanceGate()
+    admitted: list[bool] = []
+
+    def hot() -> None:
+        with gate.hot() as ok:
+            admitted.append(ok)
+
+    with gate.compiling():
+        _in_thread(hot).join()
+    _in_thread(hot).join()
+    assert admitted == [False, True]

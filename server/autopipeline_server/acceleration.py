@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ MEGACACHE_FOLDER = "autopipeline-megacache"
 WARMUP_STEPS = 3
 # Dynamo's message when `fail_on_recompile` stops a recompile; anything else is a real error.
 _RECOMPILE_MESSAGE = "Detected recompile"
+# Where Inductor says why it left a compiled graph without CUDA graphs (it also counts them, in
+# counters["inductor"]["cudagraph_skips"]): such a graph runs compiled but launch-bound, like eager.
+_CUDAGRAPH_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
 
 Shape = tuple[int, ...]
 Signature = tuple[tuple[str, Shape], ...]
@@ -102,6 +106,10 @@ class AccelerationReport:
     cache_loaded: bool = False  # a mega-cache file for this model, torch and device was found and loaded
     cache_hits: int = 0  # Inductor FX graph cache hits during warm-up
     cache_misses: int = 0
+    # Graphs compiled during warm-up that run without CUDA graphs although the mode asks for them,
+    # and Inductor's reason for the first (where it gives one).
+    cudagraph_skips: int = 0
+    cudagraph_skip_reason: str = ""
     error: str = ""
     dispatcher: DenoiserDispatcher | None = None
 
@@ -143,6 +151,59 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Signature:
 def _sample_shape(signature: Signature) -> Shape:
     named = dict(signature)
     return named.get("0") or named.get("sample") or named.get("hidden_states") or ()
+
+
+class _StanceGate:
+    """Keeps hot calls (under dynamo's `fail_on_recompile` stance) and compiling calls apart, process-wide.
+
+    The stance is one global of the process, not of a thread, while each device has its own thread:
+    a hot call on one device would make another device's warm-up compile fail ("Detected recompile"),
+    and two threads' `set_stance` contexts that interleave leave the stance stuck at
+    `fail_on_recompile` for good. So the stance is set while at least one hot call runs and restored
+    when the last one ends; a compiling call waits for the hot calls running (a graph launch each) and,
+    while it compiles, hot calls on other devices run eagerly rather than wait for a compiler.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._hot = 0
+        self._compiling = 0
+        self._stance: Any = None  # the set_stance object whose exit restores the stance before it
+
+    @contextlib.contextmanager
+    def hot(self) -> Iterator[bool]:
+        """Yields True with the stance set for a compiled call; False while another thread compiles."""
+        with self._lock:
+            admitted = not self._compiling
+            if admitted:
+                self._hot += 1
+                if self._hot == 1:
+                    self._stance = torch.compiler.set_stance("fail_on_recompile")
+        try:
+            yield admitted
+        finally:
+            if admitted:
+                with self._lock:
+                    self._hot -= 1
+                    if self._hot == 0:
+                        self._stance.__exit__(None, None, None)
+                        self._stance = None
+                        self._lock.notify_all()
+
+    @contextlib.contextmanager
+    def compiling(self) -> Iterator[None]:
+        with self._lock:
+            self._compiling += 1  # from now on other threads' hot calls run eagerly
+            self._lock.notify_all()
+            self._lock.wait_for(lambda: self._hot == 0)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._compiling -= 1
+
+
+_GATE = _StanceGate()
 
 
 class DenoiserDispatcher:
@@ -193,20 +254,22 @@ class DenoiserDispatcher:
         args, kwargs = _normalise_inputs(args, kwargs)
         signature = _signature(args, kwargs)
         if self._warming is not None:
-            result = self._compiled(args, kwargs)
+            with _GATE.compiling():
+                result = self._compiled(args, kwargs)
             self.ready.setdefault(signature, self._warming)
             return result
         if signature in self.ready:
-            try:
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    result = self._compiled(args, kwargs)
-                self.compiled_calls += 1
-                return result
-            except RuntimeError as err:
-                if _RECOMPILE_MESSAGE not in str(err):
-                    raise
-                self.eager_fallbacks += 1
-                log.warning("a warmed shape %s failed its guards; ran eagerly: %s", signature, err)
+            with _GATE.hot() as admitted:
+                if admitted:
+                    try:
+                        result = self._compiled(args, kwargs)
+                        self.compiled_calls += 1
+                        return result
+                    except RuntimeError as err:
+                        if _RECOMPILE_MESSAGE not in str(err):
+                            raise
+                        log.warning("a warmed shape %s failed its guards; ran eagerly: %s", signature, err)
+            self.eager_fallbacks += 1  # guards failed, or another device's thread was compiling
         self.eager_calls += 1
         return self.eager_forward(*args, **kwargs)
 
@@ -302,6 +365,36 @@ def _save_megacache(path: Path | None) -> None:
     log.info("saved compile cache %s (%d bytes)", path, len(artifacts[0]))
 
 
+class _Messages(logging.Handler):
+    """Keeps the messages a logger emits while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _cudagraph_skips(report: AccelerationReport, plan: AccelerationPlan) -> Iterator[None]:
+    """Adds to the report the graphs compiled meanwhile that Inductor left without CUDA graphs."""
+    if plan.compile_mode != "reduce-overhead":
+        yield
+        return
+    before = counters["inductor"]["cudagraph_skips"]
+    reasons = _Messages()
+    logger = logging.getLogger(_CUDAGRAPH_LOGGER)
+    logger.addHandler(reasons)
+    try:
+        yield
+    finally:
+        logger.removeHandler(reasons)
+        report.cudagraph_skips += counters["inductor"]["cudagraph_skips"] - before
+        if reasons.messages and not report.cudagraph_skip_reason:
+            report.cudagraph_skip_reason = reasons.messages[0]
+
+
 def _hot_requests(model: LoadedModel, plan: AccelerationPlan) -> Iterator[tuple[GenerationRequest, int]]:
     """One warm-up request per task, declared size and batch size (default: the model's own size)."""
     for task, target in model.tasks.items():
@@ -360,6 +453,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     model serving eagerly, with the error in the report, rather than failing the model.
     """
     from autopipeline_server.calls import QuietHooks, run_call
+    from autopipeline_server.pipelines import pin_signatures
     from autopipeline_server.prepare import prepare_with_inputs
 
     report = AccelerationReport(requested=plan.requested, mode=plan.mode)
@@ -374,14 +468,20 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     report.cache_loaded = _load_megacache(cache_file)
     hits_before = counters["inductor"]["fxgraph_cache_hit"]
     misses_before = counters["inductor"]["fxgraph_cache_miss"]
-    # Each declared shape (per task, where guards differ) is its own graph: allow all of them.
+    # Each declared shape (per task, where guards differ) is its own graph: allow all of them. The
+    # limit counts per code object, and every model of one denoiser class (on every device, and each
+    # on-demand load) shares its `forward`'s: each model adds its room to what earlier ones used, or
+    # a later model's warm-up would silently run eagerly at the limit while reporting its shapes compiled.
     requests = list(_hot_requests(model, plan))
-    limit = max(torch._dynamo.config.recompile_limit, 2 * len(requests) + 8)
-    torch._dynamo.config.recompile_limit = limit
+    room = 2 * len(requests)
+    torch._dynamo.config.recompile_limit += room
     torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, limit
+        torch._dynamo.config.accumulated_recompile_limit, torch._dynamo.config.recompile_limit
     )
     _prepare_denoiser(module, model)
+    # Before anything compiles: pinning sets `__signature__` on the attention processors' `__call__`,
+    # which dynamo traces (`inspect.signature`); no guard may see it change after its graph was built.
+    pin_signatures(model)
     dispatcher = DenoiserDispatcher(module, compile_mode=plan.compile_mode)
     module.forward = dispatcher
     report.dispatcher = dispatcher
@@ -389,7 +489,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     try:
         for request, batch in requests:
             known = set(dispatcher.ready)
-            with dispatcher.warming(request.task):
+            with dispatcher.warming(request.task), _cudagraph_skips(report, plan):
                 run_call(prepare_with_inputs(model, request), QuietHooks())
             assert request.width is not None
             assert request.height is not None
@@ -409,6 +509,13 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
         report.cache_misses = counters["inductor"]["fxgraph_cache_miss"] - misses_before
     if report.cache_misses or not report.cache_loaded:
         _save_megacache(cache_file)
+    if report.cudagraph_skips:
+        log.warning(
+            "%s: %d compiled graphs run without CUDA graphs, about as slow as eager (%s)",
+            model.spec.name,
+            report.cudagraph_skips,
+            report.cudagraph_skip_reason or "Inductor gave no reason; TORCH_LOGS=cudagraphs shows more",
+        )
     log.info(
         "%s: compiled %d denoiser shapes for %d requests in %.1fs (%s; cache %s, %d hits, %d misses): %s",
         model.spec.name,

@@ -486,6 +486,8 @@ def acceleration_info(report: AccelerationReport) -> pb.Acceleration:
         eager_fallbacks=report.eager_fallbacks,
         error=report.error,
         adapter_calls=report.adapter_calls,
+        cudagraph_skips=report.cudagraph_skips,
+        cudagraph_skip_reason=report.cudagraph_skip_reason,
     )
 
 

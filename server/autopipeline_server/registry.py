@@ -265,12 +265,12 @@ class ModelRegistry:
 
         def place(model: LoadedModel) -> None:
             model.to(device)
+            skip_hook_walks(model)  # before anything runs or compiles: all see the final state
             if warm:
                 warm_up(model)
             # Compiles (and captures) the declared shapes before the model is READY.
             accelerate(model, plan)
             pin_signatures(model)  # after accelerate: fused QKV projections swap processors
-            skip_hook_walks(model)
 
         plan = self.acceleration
 

@@ -1495,6 +1495,8 @@ class Acceleration(_message.Message):
     EAGER_FALLBACKS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ADAPTER_CALLS_FIELD_NUMBER: _builtins.int
+    CUDAGRAPH_SKIPS_FIELD_NUMBER: _builtins.int
+    CUDAGRAPH_SKIP_REASON_FIELD_NUMBER: _builtins.int
     requested: _builtins.str
     """The mode the operator asked for: "auto", "off" or "compile"."""
     mode: _builtins.str
@@ -1510,7 +1512,9 @@ class Acceleration(_message.Message):
     eager_calls: _builtins.int
     """Denoiser calls that ran eagerly since start-up (shapes that were not declared)."""
     eager_fallbacks: _builtins.int
-    """Calls at a declared shape that ran eagerly because the compiled graph's guards failed."""
+    """Calls at a declared shape that ran eagerly: the compiled graph's guards failed, or another
+    device's thread was compiling at that moment.
+    """
     error: _builtins.str
     """Why the model runs eagerly although compiling was asked for; empty otherwise."""
     adapter_calls: _builtins.int
@@ -1519,6 +1523,14 @@ class Acceleration(_message.Message):
     never run them (and never cause a recompile). Prepared for hot-swapping
     (`enable_lora_hotswap`) when the model has adapters.
     """
+    cudagraph_skips: _builtins.int
+    """Graphs compiled during warm-up that run without CUDA graphs although the
+    mode asks for them (Inductor skipped graph capture): those shapes run
+    compiled but launch-bound, about as slow as eager. 0 where the mode uses
+    no CUDA graphs.
+    """
+    cudagraph_skip_reason: _builtins.str
+    """Inductor's reason for the first such graph, where it gave one."""
     @_builtins.property
     def compiled_shapes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompiledShape]:
         """The shapes compiled during warm-up; requests whose denoiser input has one of them run compiled."""
@@ -1542,10 +1554,12 @@ class Acceleration(_message.Message):
         eager_fallbacks: _builtins.int = ...,
         error: _builtins.str = ...,
         adapter_calls: _builtins.int = ...,
+        cudagraph_skips: _builtins.int = ...,
+        cudagraph_skip_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compile_time", b"compile_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_calls", b"adapter_calls", "cache_hits", b"cache_hits", "cache_loaded", b"cache_loaded", "cache_misses", b"cache_misses", "compile_time", b"compile_time", "compiled_calls", b"compiled_calls", "compiled_shapes", b"compiled_shapes", "eager_calls", b"eager_calls", "eager_fallbacks", b"eager_fallbacks", "error", b"error", "mode", b"mode", "requested", b"requested"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_calls", b"adapter_calls", "cache_hits", b"cache_hits", "cache_loaded", b"cache_loaded", "cache_misses", b"cache_misses", "compile_time", b"compile_time", "compiled_calls", b"compiled_calls", "compiled_shapes", b"compiled_shapes", "cudagraph_skip_reason", b"cudagraph_skip_reason", "cudagraph_skips", b"cudagraph_skips", "eager_calls", b"eager_calls", "eager_fallbacks", b"eager_fallbacks", "error", b"error", "mode", b"mode", "requested", b"requested"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

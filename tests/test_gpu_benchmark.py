@@ -1,0 +1,38 @@
+"""benchmarks/gpu.py gets one unattended run on a GPU: its CPU smoke test must run every phase cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_gpu_benchmark_runs_every_phase_on_a_cpu(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
+        "--families", "sd15", "--requests", "3", "--latency-seconds", "1", "--off-shape-requests", "1",
+        "--clients", "1,2", "--window", "1", "--budget", "3000", "--keep", str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")])}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1500, check=False, env=env)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "FAILED" not in out and "skipped" not in out, out
+    lines = [line for line in out.splitlines() if line.startswith("sd15 64x64")]
+    rows = {re.split(r"\s{2,}", line)[1]: line for line in lines}
+    assert set(rows) == {
+        "direct eager",
+        "served eager [off]",
+        "served eager, batching [off]",
+        "served compiled, cold cache [compile]",
+        "served compiled, warm cache [compile]",
+    }, out
+    for name in ("served compiled, cold cache [compile]", "served compiled, warm cache [compile]"):
+        # Compiled images match eager ones (float32 on a CPU: at most one 8-bit level apart).
+        difference = re.search(r"max (\d+) mean", rows[name])
+        assert difference is not None and int(difference.group(1)) <= 1, rows[name]
+    assert re.search(r"hits [1-9]", rows["served compiled, warm cache [compile]"]), out
