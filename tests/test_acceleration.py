@@ -21,6 +21,9 @@ from autopipeline_server.acceleration import (
     MEGACACHE_FOLDER,
     AccelerationPlan,
     AccelerationReport,
+    Signature,
+    _Padding,
+    _padding,
     _StanceGate,
     accelerate,
     configure_cache,
@@ -137,10 +140,27 @@ def test_an_undeclared_shape_runs_eagerly_without_compiling(
 ) -> None:
     with _Watch(compiled) as watch:
         fast = run_call(prepare_call(compiled, _request(1, width=32, height=48)), QuietHooks())
-        run_call(prepare_call(compiled, _request(1)), QuietHooks())  # the declared size, an undeclared batch
+        # The declared size at a batch over PAD_UP_TO times smaller than the compiled one: no CFG,
+        # so a denoiser batch of 1 against the graph's 4.
+        run_call(prepare_call(compiled, _request(1, guidance_scale=1.0)), QuietHooks())
     slow = run_call(prepare_call(eager, _request(1, width=32, height=48)), QuietHooks())
     # PNDM (the model's scheduler) calls the denoiser steps + 1 times: 2 requests x 4 calls.
     assert (watch.compiled, watch.eager, watch.fallbacks, watch.graphs) == (0, 8, 0, 0)
+    assert np.abs(_pixels(fast) - _pixels(slow)).max() <= PIXEL_TOLERANCE
+
+
+def test_a_smaller_batch_runs_padded_in_a_compiled_graph_with_eager_images(
+    compiled: LoadedModel, eager: LoadedModel
+) -> None:
+    """One image (denoiser batch 2 with CFG) runs in the graph compiled for two (batch 4), its
+    inputs padded and its outputs cut back: the images are the eager ones, nothing compiles."""
+    padded_before = _report(compiled).padded_calls
+    with _Watch(compiled) as watch:
+        fast = run_call(prepare_call(compiled, _request(1)), QuietHooks())
+    slow = run_call(prepare_call(eager, _request(1)), QuietHooks())
+    assert (watch.compiled, watch.eager, watch.fallbacks, watch.graphs) == (4, 0, 0, 0)
+    assert _report(compiled).padded_calls - padded_before == 4
+    assert len(fast) == 1
     assert np.abs(_pixels(fast) - _pixels(slow)).max() <= PIXEL_TOLERANCE
 
 
@@ -309,3 +329,24 @@ def test_a_hot_call_while_another_thread_compiles_runs_eagerly() -> None:
         _in_thread(hot).join()
     _in_thread(hot).join()
     assert admitted == [False, True]
+
+
+def test_padding_fits_a_batch_in_a_graph_up_to_twice_as_large_and_pads_only_batch_tensors() -> None:
+    def signature(batch: int, side: int = 8, ids: int = 3) -> Signature:
+        return (("0", (batch, 4, side, side)), ("1", ()), ("cond.embeds", (batch, 6)), ("ids", (ids, 3)))
+
+    ready = signature(8)
+    padding = _padding(signature(6), ready)
+    assert padding == _Padding(6, 8, frozenset({"0", "cond.embeds"}))
+    assert _padding(signature(3), ready) is None  # the graph is over PAD_UP_TO times larger
+    assert _padding(signature(8), ready) is None  # not smaller: the graph itself, or no padding
+    assert _padding(signature(6, side=16), ready) is None  # another size
+    assert _padding(signature(6, ids=4), ready) is None  # a tensor without the batch differs
+    sample, ids = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 4, 8, 8), torch.zeros(3, 3)
+    args, kwargs = padding.pad(
+        (sample, torch.tensor(1.0)), {"cond": {"embeds": torch.ones(6, 6)}, "ids": ids}
+    )
+    assert args[0].shape == (8, 4, 8, 8) and args[0][6:, 0, 0, 0].tolist() == [0.0, 0.0]
+    assert kwargs["cond"]["embeds"].shape == (8, 6) and kwargs["ids"] is ids
+    trimmed = padding.trim((args[0] * 2, ids))
+    assert torch.equal(trimmed[0], sample * 2) and trimmed[1] is ids

@@ -33,6 +33,11 @@ MEGACACHE_FOLDER = "autopipeline-megacache"
 # Denoising steps of a warm-up call: CUDA graph trees run a shape once eagerly, record it on the
 # second call and replay from the third, so three calls per shape leave it captured.
 WARMUP_STEPS = 3
+# A denoiser batch smaller than a compiled one runs in that graph, padded, when the graph's batch is
+# at most this many times its own: each sample of a UNet or DiT is computed independently, so
+# padding changes no sample, and on a launch-bound GPU a graph at twice the batch is still far
+# faster than eager. Beyond it the batch runs eagerly.
+PAD_UP_TO = 2
 # Dynamo's message when `fail_on_recompile` stops a recompile; anything else is a real error.
 _RECOMPILE_MESSAGE = "Detected recompile"
 # Where Inductor says why it left a compiled graph without CUDA graphs (it also counts them, in
@@ -129,6 +134,10 @@ class AccelerationReport:
     def adapter_calls(self) -> int:
         return self.dispatcher.adapter_calls if self.dispatcher else 0
 
+    @property
+    def padded_calls(self) -> int:
+        return self.dispatcher.padded_calls if self.dispatcher else 0
+
 
 def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Signature:
     """The shapes of every tensor argument (by position or name, nested dicts included)."""
@@ -151,6 +160,66 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Signature:
 def _sample_shape(signature: Signature) -> Shape:
     named = dict(signature)
     return named.get("0") or named.get("sample") or named.get("hidden_states") or ()
+
+
+@dataclass(frozen=True)
+class _Padding:
+    """How a smaller batch runs in a compiled graph: the tensors `names` (as `_signature` names them)
+    lead with `batch` samples, padded to the graph's `to`."""
+
+    batch: int
+    to: int
+    names: frozenset[str]
+
+    def pad(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments with the first sample of each batch tensor repeated up to the graph's batch."""
+
+        def padded(name: str, value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and name in self.names:
+                return torch.cat([value, value[:1].expand(self.to - self.batch, *value.shape[1:])])
+            if isinstance(value, dict):
+                return {key: padded(f"{name}.{key}", item) for key, item in value.items()}
+            return value
+
+        return (
+            tuple(padded(str(index), value) for index, value in enumerate(args)),
+            {key: padded(key, value) for key, value in kwargs.items()},
+        )
+
+    def trim(self, value: Any) -> Any:
+        """The graph's outputs cut back to the batch's own samples."""
+        return tree_map_only(
+            torch.Tensor, lambda t: t[: self.batch] if t.dim() and t.shape[0] == self.to else t, value
+        )
+
+
+def _padding(signature: Signature, ready: Signature) -> _Padding | None:
+    """How `signature`'s batch runs padded in the graph of `ready`; None if it cannot (see PAD_UP_TO).
+
+    Every tensor must have the same shape in both, except that those leading with the sample's
+    batch may lead with the graph's batch instead (latents, prompt embeddings, per-sample timesteps).
+    """
+    sample, compiled = _sample_shape(signature), _sample_shape(ready)
+    if not sample or not compiled or len(signature) != len(ready):
+        return None
+    batch, to = sample[0], compiled[0]
+    if not batch < to <= PAD_UP_TO * batch:
+        return None
+    names = set()
+    for (name, shape), (ready_name, ready_shape) in zip(signature, ready, strict=True):
+        if name != ready_name:
+            return None
+        if shape == ready_shape:
+            continue
+        if (
+            len(shape) != len(ready_shape)
+            or shape[0] != batch
+            or ready_shape[0] != to
+            or shape[1:] != ready_shape[1:]
+        ):
+            return None
+        names.add(name)
+    return _Padding(batch, to, frozenset(names))
 
 
 class _StanceGate:
@@ -227,6 +296,8 @@ class DenoiserDispatcher:
         self.eager_calls = 0
         self.eager_fallbacks = 0
         self.adapter_calls = 0
+        self.padded_calls = 0
+        self._paddings: dict[Signature, _Padding | None] = {}
         self._warming: Task | None = None
         self._eager = False
 
@@ -257,12 +328,19 @@ class DenoiserDispatcher:
             with _GATE.compiling():
                 result = self._compiled(args, kwargs)
             self.ready.setdefault(signature, self._warming)
+            self._paddings.clear()
             return result
-        if signature in self.ready:
+        padding = None if signature in self.ready else self._padding(signature, args, kwargs)
+        if signature in self.ready or padding is not None:
             with _GATE.hot() as admitted:
                 if admitted:
                     try:
-                        result = self._compiled(args, kwargs)
+                        if padding is None:
+                            result = self._compiled(args, kwargs)
+                        else:
+                            padded = _normalise_inputs(*padding.pad(args, kwargs))
+                            result = padding.trim(self._compiled(*padded))
+                            self.padded_calls += 1
                         self.compiled_calls += 1
                         return result
                     except RuntimeError as err:
@@ -273,6 +351,18 @@ class DenoiserDispatcher:
         self.eager_calls += 1
         return self.eager_forward(*args, **kwargs)
 
+    def _padding(
+        self, signature: Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> _Padding | None:
+        """How a batch no graph was compiled for runs padded in the smallest one that fits, if any."""
+        if signature not in self._paddings:
+            fits = [p for p in (_padding(signature, ready) for ready in self.ready) if p is not None]
+            self._paddings[signature] = min(fits, key=lambda p: p.to) if fits else None
+        padding = self._paddings[signature]
+        if padding is not None and _unseen_tensors(args, kwargs):
+            return None  # tensors in lists (ControlNet residuals) are not in the signature: not padded
+        return padding
+
     def _compiled(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self._cuda_graphs:
             return self.compiled_forward(*args, **kwargs)
@@ -280,6 +370,14 @@ class DenoiserDispatcher:
         # PNDM keep past outputs: mark each call a new step and hand out copies.
         torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         return tree_map_only(torch.Tensor, torch.clone, self.compiled_forward(*args, **kwargs))
+
+
+def _unseen_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether tensors hide in lists or tuples, where `_signature` does not look."""
+    return any(
+        isinstance(value, (list, tuple)) and any(isinstance(item, torch.Tensor) for item in value)
+        for value in (*args, *kwargs.values())
+    )
 
 
 def _normalise_inputs(

@@ -487,6 +487,7 @@ def acceleration_info(report: AccelerationReport) -> pb.Acceleration:
         error=report.error,
         adapter_calls=report.adapter_calls,
         cudagraph_skips=report.cudagraph_skips,
+        padded_calls=report.padded_calls,
         cudagraph_skip_reason=report.cudagraph_skip_reason,
     )
 

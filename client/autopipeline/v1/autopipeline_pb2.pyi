@@ -1497,6 +1497,7 @@ class Acceleration(_message.Message):
     ADAPTER_CALLS_FIELD_NUMBER: _builtins.int
     CUDAGRAPH_SKIPS_FIELD_NUMBER: _builtins.int
     CUDAGRAPH_SKIP_REASON_FIELD_NUMBER: _builtins.int
+    PADDED_CALLS_FIELD_NUMBER: _builtins.int
     requested: _builtins.str
     """The mode the operator asked for: "auto", "off" or "compile"."""
     mode: _builtins.str
@@ -1531,6 +1532,11 @@ class Acceleration(_message.Message):
     """
     cudagraph_skip_reason: _builtins.str
     """Inductor's reason for the first such graph, where it gave one."""
+    padded_calls: _builtins.int
+    """Of `compiled_calls`, those whose batch no graph was compiled for, run in
+    the graph of the next larger compiled batch (at most twice as large), with
+    padding samples the call does not return.
+    """
     @_builtins.property
     def compiled_shapes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompiledShape]:
         """The shapes compiled during warm-up; requests whose denoiser input has one of them run compiled."""
@@ -1556,10 +1562,11 @@ class Acceleration(_message.Message):
         adapter_calls: _builtins.int = ...,
         cudagraph_skips: _builtins.int = ...,
         cudagraph_skip_reason: _builtins.str = ...,
+        padded_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compile_time", b"compile_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_calls", b"adapter_calls", "cache_hits", b"cache_hits", "cache_loaded", b"cache_loaded", "cache_misses", b"cache_misses", "compile_time", b"compile_time", "compiled_calls", b"compiled_calls", "compiled_shapes", b"compiled_shapes", "cudagraph_skip_reason", b"cudagraph_skip_reason", "cudagraph_skips", b"cudagraph_skips", "eager_calls", b"eager_calls", "eager_fallbacks", b"eager_fallbacks", "error", b"error", "mode", b"mode", "requested", b"requested"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_calls", b"adapter_calls", "cache_hits", b"cache_hits", "cache_loaded", b"cache_loaded", "cache_misses", b"cache_misses", "compile_time", b"compile_time", "compiled_calls", b"compiled_calls", "compiled_shapes", b"compiled_shapes", "cudagraph_skip_reason", b"cudagraph_skip_reason", "cudagraph_skips", b"cudagraph_skips", "eager_calls", b"eager_calls", "eager_fallbacks", b"eager_fallbacks", "error", b"error", "mode", b"mode", "padded_calls", b"padded_calls", "requested", b"requested"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
