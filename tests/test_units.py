@@ -264,3 +264,52 @@ def test_a_component_with_diffusers_hooks_keeps_diffusers_walk() -> None:
     assert group_offloading._is_group_offload_enabled(hooked)
     assert not group_offloading._is_group_offload_enabled(plain)
     assert hooked.device == plain.device == torch.device("cpu")
+
+
+def test_progress_on_cuda_waits_for_the_previous_step_before_reporting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """calls._ProgressReporter on CUDA: each step's report waits for the GPU to finish the step
+    before it (the host stays at most one step ahead), recorded on the model's device's stream."""
+    import torch
+
+    from autopipeline_server import calls
+
+    log: list[str] = []
+
+    class FakeEvent:
+        count = 0
+
+        def __init__(self) -> None:
+            FakeEvent.count += 1
+            self.name = f"event{FakeEvent.count}"
+
+        def record(self, stream: str) -> None:
+            log.append(f"record {self.name} on {stream}")
+
+        def synchronize(self) -> None:
+            log.append(f"wait {self.name}")
+
+    class Hooks(calls.QuietHooks):
+        def step(self, step: int, total_steps: int) -> None:
+            log.append(f"report {step}/{total_steps}")
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
+    reporter = calls._ProgressReporter(Hooks(), 0, None, device=torch.device("cuda", 1))
+    for _ in reporter(range(3)):
+        pass
+    assert log == [
+        "record event1 on stream of cuda:1",
+        "report 1/3",
+        "record event2 on stream of cuda:1",
+        "wait event1",
+        "report 2/3",
+        "record event3 on stream of cuda:1",
+        "wait event2",
+        "report 3/3",
+    ]
+    log.clear()
+    for _ in calls._ProgressReporter(Hooks(), 0, None, device=torch.device("cpu"))(range(2)):
+        pass
+    assert log == ["report 1/2", "report 2/2"]  # nothing to wait for off CUDA

@@ -54,6 +54,11 @@ class _ProgressReporter:
     its own bar: the same stand-in is installed on each inner pipeline, `started` is reported once
     when the first stage begins (with `expected_total`, the steps of all stages), and steps count on
     across stages, so a cancel lands between steps of any stage.
+
+    On CUDA the host queues work ahead of the GPU (with CUDA graphs a whole call's steps can be
+    queued before the first has run), so each step's report first waits for the GPU to finish the
+    step before it: reports, previews and cancels lag the GPU by at most one step, and the host
+    stays at most one step ahead (enough to keep the GPU fed).
     """
 
     def __init__(
@@ -62,8 +67,12 @@ class _ProgressReporter:
         preview_interval: int,
         previewer: Previewer | None,
         expected_total: int | None = None,
+        *,
+        device: torch.device | None = None,
     ) -> None:
         self._hooks = hooks
+        self._paced_on = device if device is not None and device.type == "cuda" else None
+        self._previous_step: torch.cuda.Event | None = None
         self._preview_interval = preview_interval
         self._previewer = previewer
         self._expected_total = expected_total
@@ -129,11 +138,21 @@ class _ProgressReporter:
             self._hooks.preview(done, self._previewer(self.latents))
 
     def update(self, n: int = 1) -> None:
+        if self._paced_on is not None:
+            self._keep_pace(self._paced_on)
         self._stage_done = min(self._stage_total, self._stage_done + n)
         self._hooks.step(self.done, self._total)
         self._maybe_preview()
         self.latents = None
         self._check()
+
+    def _keep_pace(self, device: torch.device) -> None:
+        """Marks the end of this step's queued GPU work and waits for the previous step's."""
+        step = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        step.record(torch.cuda.current_stream(device))
+        if self._previous_step is not None:
+            self._previous_step.synchronize()
+        self._previous_step = step
 
     def __enter__(self) -> _ProgressReporter:
         return self
@@ -214,6 +233,7 @@ def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list
         first.preview_interval,
         previewer,
         expected_total=_expected_steps(first.model, target, kwargs, scheduler),
+        device=first.model.device,
     )
     if hook == "callback_on_step_end":
         kwargs["callback_on_step_end"] = reporter.on_step_end
