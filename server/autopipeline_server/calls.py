@@ -71,7 +71,10 @@ class _ProgressReporter:
         device: torch.device | None = None,
     ) -> None:
         self._hooks = hooks
-        self._paced_on = device if device is not None and device.type == "cuda" else None
+        # Where each step's GPU work is queued, on CUDA: the stream this (device) thread uses there.
+        self._stream = (
+            torch.cuda.current_stream(device) if device is not None and device.type == "cuda" else None
+        )
         self._previous_step: torch.cuda.Event | None = None
         self._preview_interval = preview_interval
         self._previewer = previewer
@@ -138,18 +141,18 @@ class _ProgressReporter:
             self._hooks.preview(done, self._previewer(self.latents))
 
     def update(self, n: int = 1) -> None:
-        if self._paced_on is not None:
-            self._keep_pace(self._paced_on)
+        if self._stream is not None:
+            self._keep_pace(self._stream)
         self._stage_done = min(self._stage_total, self._stage_done + n)
         self._hooks.step(self.done, self._total)
         self._maybe_preview()
         self.latents = None
         self._check()
 
-    def _keep_pace(self, device: torch.device) -> None:
+    def _keep_pace(self, stream: torch.cuda.Stream) -> None:
         """Marks the end of this step's queued GPU work and waits for the previous step's."""
         step = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        step.record(torch.cuda.current_stream(device))
+        step.record(stream)
         if self._previous_step is not None:
             self._previous_step.synchronize()
         self._previous_step = step

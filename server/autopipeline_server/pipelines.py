@@ -592,7 +592,7 @@ def skip_hook_walks(model: LoadedModel) -> None:
     The server applies no diffusers hooks (group offloading, layerwise casting, caches) to a loaded
     model, so each component found hook-free here is marked, and the search answers "none" for it
     at once. Everything else diffusers derives (the parameters' device, accelerate's offload
-    hooks) is unchanged. Run once the model is placed and accelerated.
+    hooks) is unchanged. Run once the model is placed, before it runs or compiles.
     """
     if not group_offloading._get_top_level_group_offload_hook.__dict__.get(_HOOK_FREE):
         group_offloading._get_top_level_group_offload_hook = _hook_free_shortcut(  # type: ignore[assignment]

@@ -265,12 +265,14 @@ class ModelRegistry:
 
         def place(model: LoadedModel) -> None:
             model.to(device)
-            skip_hook_walks(model)  # before anything runs or compiles: all see the final state
+            # Before anything runs or compiles, so all of it sees the final state; `accelerate`
+            # pins again the processors its fused QKV projections swap in.
+            skip_hook_walks(model)
+            pin_signatures(model)
             if warm:
                 warm_up(model)
             # Compiles (and captures) the declared shapes before the model is READY.
             accelerate(model, plan)
-            pin_signatures(model)  # after accelerate: fused QKV projections swap processors
 
         plan = self.acceleration
 
