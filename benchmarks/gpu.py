@@ -49,6 +49,8 @@ FULL = {  # family: (size, steps)
     "sd15": (512, 25),
     "sdxl": (1024, 20),
 }
+# A family's phases, in the order they run.
+PHASES = ("direct", "direct-compiled", "eager", "eager-batching", "compiled-cold", "compiled-warm")
 # Seconds kept back from the budget for stopping a server and printing.
 RESERVE = 15.0
 T = TypeVar("T")
@@ -72,16 +74,36 @@ class Budget:
 # ------------------------------------------------------------------------------ full-size checkpoints
 
 
-def build_full_checkpoint(family: str, out: Path, log: Path) -> Path:
+def build_full_checkpoint(family: str, out: Path, log: Path, device: str) -> Path:
     """The real SD 1.5 / SDXL architectures, random weights (built in a child: this process has no torch)."""
     here = str(Path(__file__).parent)
-    code = f"import sys; sys.path.insert(0, {here!r}); import gpu; gpu._build_full({family!r}, {str(out)!r})"
+    call = f"gpu._build_full({family!r}, {str(out)!r}, {device!r})"
+    code = f"import sys; sys.path.insert(0, {here!r}); import gpu; {call}"
     _child([sys.executable, "-c", code], log)
     return out
 
 
-def _build_full(family: str, out: str) -> None:
+def _build_full(family: str, out: str, device: str = "cpu") -> None:
     import torch
+
+    torch.manual_seed(0)
+    # Built on the benchmark's device: initialising SDXL's 3.5 billion random weights takes the CPU a
+    # minute, the GPU a second.
+    with torch.device(device):
+        pipe = _full_pipeline(family)
+    # Margin for float16: measured in float32 on SD 1.5, the largest activation of any block is ~14.
+    with torch.no_grad():
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                for parameter in module.parameters():
+                    if parameter.dim() >= 2:
+                        parameter.mul_(0.5)
+    # Saved as the server and the direct baseline load it: half the bytes to write and to read back
+    # in each of the five processes of a family (SDXL: 7 GB instead of 14).
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+
+
+def _full_pipeline(family: str) -> Any:
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -94,7 +116,6 @@ def _build_full(family: str, out: str) -> None:
 
     from autopipeline_server import tiny
 
-    torch.manual_seed(0)
     vocab = tiny._vocab()
 
     def text(hidden: int, layers: int, heads: int, projection: bool) -> Any:
@@ -147,16 +168,7 @@ def _build_full(family: str, out: str) -> None:
             ),
             image_encoder=None, feature_extractor=None,
         )  # fmt: skip
-    # Margin for float16: measured in float32 on SD 1.5, the largest activation of any block is ~14.
-    with torch.no_grad():
-        for module in pipe.components.values():
-            if isinstance(module, torch.nn.Module):
-                for parameter in module.parameters():
-                    if parameter.dim() >= 2:
-                        parameter.mul_(0.5)
-    # Saved as the server and the direct baseline load it: half the bytes to write and to read back
-    # in each of the five processes of a family (SDXL: 7 GB instead of 14).
-    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    return pipe
 
 
 # --------------------------------------------------------------------------------------- measuring
@@ -179,11 +191,18 @@ def _tail(log: Path, lines: int = 25) -> str:
     return "\n".join("    | " + line for line in text[-lines:])
 
 
-def direct(checkpoint: Path, args: argparse.Namespace, size: int, steps: int, log: Path) -> dict[str, Any]:
-    """Direct diffusers in a child process: p50/p95 of one image, and images/s at `batch` per call."""
+def direct(
+    checkpoint: Path, args: argparse.Namespace, size: int, steps: int, log: Path, profile: Path | None = None
+) -> dict[str, Any]:
+    """Direct diffusers in a child process: p50/p95 of one image, and images/s at `batch` per call.
+
+    With `profile`, the yardstick the served compiled path is held to: the same pipeline with its UNet
+    compiled as diffusers documents it (channels_last, fused QKV, `torch.compile(mode="reduce-overhead",
+    fullgraph=True)`), one image per call, and one call under torch.profiler, whose table goes to `profile`.
+    """
     call = (
         f"gpu._direct({str(checkpoint)!r}, {args.device!r}, {size}, {steps}, {args.requests}, {args.batch}, "
-        f"{args.latency_seconds})"
+        f"{args.latency_seconds}, {str(profile) if profile else None!r})"
     )
     here = str(Path(__file__).parent)
     code = f"import sys; sys.path.insert(0, {here!r}); import gpu, json; print(json.dumps({call}))"
@@ -191,7 +210,14 @@ def direct(checkpoint: Path, args: argparse.Namespace, size: int, steps: int, lo
 
 
 def _direct(
-    checkpoint: str, device: str, size: int, steps: int, requests: int, batch: int, seconds: float
+    checkpoint: str,
+    device: str,
+    size: int,
+    steps: int,
+    requests: int,
+    batch: int,
+    seconds: float,
+    profile: str | None = None,
 ) -> dict[str, float]:
     import torch
     from diffusers import AutoPipelineForText2Image
@@ -200,6 +226,8 @@ def _direct(
     dtype = torch.float16 if cuda else torch.float32
     pipe = AutoPipelineForText2Image.from_pretrained(checkpoint, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if profile is not None:
+        return _direct_compiled(pipe, cuda, size, steps, requests, seconds, Path(profile))
 
     def run(n: int) -> float:
         started = time.perf_counter()
@@ -222,6 +250,47 @@ def _direct(
         "images_per_s_1": len(singles) / sum(singles),
         "ceiling": batch / statistics.median(batched),
         "gib": used,  # the whole device, as nvidia-smi reports it for the served rows
+    }
+
+
+def _direct_compiled(
+    pipe: Any, cuda: bool, size: int, steps: int, requests: int, seconds: float, profile: Path
+) -> dict[str, float]:
+    import torch
+
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.unet.fuse_qkv_projections()
+    pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead" if cuda else None, fullgraph=True)
+
+    def run() -> float:
+        started = time.perf_counter()
+        pipe("a lighthouse", num_inference_steps=steps, width=size, height=size)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    started = time.perf_counter()
+    for _ in range(3):  # compile, record the CUDA graphs, replay
+        run()
+    compile_seconds = time.perf_counter() - started
+    singles = _repeat(lambda _: run(), requests, seconds)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        wall = run()
+    averages = prof.key_averages()
+    # Kernel time: each kernel's self time on the device, summed; against the call's wall time it says
+    # whether the GPU or the host bounds the call.
+    busy = sum(event.self_device_time_total for event in averages) / 1e6
+    profile.write_text(averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=30))  # fmt: skip
+    return {
+        "p50": statistics.median(singles),
+        "p95": percentile(singles, 0.95),
+        "compile": compile_seconds,
+        "profiled_wall": wall,
+        "device_busy": busy,
     }
 
 
@@ -269,11 +338,12 @@ def _one(stub: pb_grpc.AutoPipelineServiceStub, width: int, height: int, steps: 
 
 def _throughput(
     stub: pb_grpc.AutoPipelineServiceStub, size: int, steps: int, clients: int, window: float, limit: float
-) -> float:
+) -> float | None:
     """Images/s of `clients` clients sending back to back, for `window` s and `clients` images at least.
 
     When both are reached (or `limit` seconds have gone by), the requests still running are cancelled,
-    so the server is idle again at once instead of working off a queue nobody measures.
+    so the server is idle again at once instead of working off a queue nobody measures. None: `limit`
+    came before `clients` images were done (no figure rather than a wrong one).
     """
     done: list[float] = []
     errors: list[BaseException] = []
@@ -324,8 +394,8 @@ def _throughput(
         thread.join(30)
     if errors:
         raise errors[0]
-    if not done:
-        return 0.0
+    if len(done) < clients:
+        return None
     return len(done) / (max(done) - started)
 
 
@@ -376,8 +446,8 @@ class Served:
     p95: float = 0.0
     ttfe: float = 0.0
     first_step: float = 0.0
-    off_shape: float | None = None
-    throughput: dict[int, float] = field(default_factory=dict)
+    off_shape: tuple[float, float | None] | None = None  # the first request at the size, the rest's median
+    throughput: dict[int, float | None] = field(default_factory=dict)
     acceleration: Any = None
     gib: float | None = None
     image: bytes = b""
@@ -407,7 +477,7 @@ def served(
         if args.off_shape_requests:
             width, height = _off_shape(size)
             off = [_one(stub, width, height, steps, 100 + i).total for i in range(args.off_shape_requests)]
-            result.off_shape = statistics.median(off)
+            result.off_shape = (off[0], statistics.median(off[1:]) if off[1:] else None)
         result.throughput[1] = len(runs) / sum(r.total for r in runs)
         for clients in (c for c in args.clients if c > 1):
             limit = min(4 * args.window, max(budget.left() - 10, 1.0))
@@ -420,6 +490,13 @@ def served(
 def _off_shape(size: int) -> tuple[int, int]:
     """A size no server here declares (so compiled servers run it eagerly): 3/4 of the width."""
     return size * 3 // 4 // 8 * 8, size
+
+
+def _off_shape_cell(off: tuple[float, float | None] | None) -> str:
+    if off is None:
+        return ""
+    first, rest = off
+    return _ms(first) if rest is None else f"{_ms(first)}/{_ms(rest)}"
 
 
 def image_difference(a: bytes, b: bytes) -> str:
@@ -444,7 +521,7 @@ COLUMNS = (
     ("p95 ms", 8),
     ("TTFE ms", 8),
     ("1st step ms", 11),
-    ("off-shape ms", 12),
+    ("off-shape ms 1st/rest", 21),
     ("images/s by clients", 30),
     ("denoiser calls c/e/f", 20),
     ("GiB", 5),
@@ -483,11 +560,15 @@ def served_row(label: str, name: str, result: Served, reference: bytes | None) -
         _ms(result.p95),
         _ms(result.ttfe),
         _ms(result.first_step),
-        _ms(result.off_shape),
-        " / ".join(f"{c}:{v:.2f}" for c, v in result.throughput.items()),
+        _off_shape_cell(result.off_shape),
+        " / ".join(f"{c}:{'n/a' if v is None else f'{v:.2f}'}" for c, v in result.throughput.items()),
         f"{acc.compiled_calls}/{acc.eager_calls}/{acc.eager_fallbacks}",
         _gib(result.gib),
-        "(reference)" if reference is None else image_difference(reference, result.image),
+        image_difference(reference, result.image)
+        if reference is not None
+        else "(reference)"
+        if acc.mode == "off"
+        else "n/a: no eager run",
     )
     if acc.error:
         note(f"acceleration error: {acc.error}")
@@ -500,8 +581,13 @@ def served_row(label: str, name: str, result: Served, reference: bytes | None) -
 
 
 @contextlib.contextmanager
-def phase(name: str, budget: Budget, needs: float, log: Path | None = None) -> Iterator[bool]:
-    """Runs a phase if `needs` seconds are left; a failure prints the log's tail, and the run goes on."""
+def phase(
+    name: str, budget: Budget, needs: float, log: Path | None = None, wanted: bool = True
+) -> Iterator[bool]:
+    """Runs a wanted phase if `needs` seconds are left; a failure prints the log's tail, the run goes on."""
+    if not wanted:
+        yield False
+        return
     if budget.left() < needs:
         note(f"{name}: skipped, {max(budget.left(), 0):.0f}s of the budget left")
         yield False
@@ -531,10 +617,18 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,16")
     parser.add_argument("--window", type=float, default=8.0, help="seconds of each throughput measurement")
     parser.add_argument("--batch", type=int, default=8, help="max batch size when batching is on")
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"the phases to run for each family, of {','.join(PHASES)} (checkpoint building always runs)",
+    )
     parser.add_argument("--keep", metavar="DIR", help="keep checkpoints, caches and logs here")
     parser.add_argument("--logs", metavar="DIR", help="write the servers' and children's logs here")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.phases = set(args.phases.split(","))
+    if args.phases - set(PHASES):
+        parser.error(f"--phases: unknown {', '.join(sorted(args.phases - set(PHASES)))}")
     budget = Budget(args.budget)
     print(
         f"device {args.device}; served batching: max {args.batch}, delay 20 ms; budget {args.budget:.0f}s; "
@@ -561,13 +655,17 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
     with phase(f"{family} checkpoint", budget, 60, log) as go:
         if go:
             started = time.monotonic()
-            build = build_checkpoint if args.tiny else functools.partial(build_full_checkpoint, log=log)
+            build = (
+                build_checkpoint
+                if args.tiny
+                else functools.partial(build_full_checkpoint, log=log, device=args.device)
+            )
             checkpoint = build(family, out)
             note(f"{family}: checkpoint built in {time.monotonic() - started:.0f}s")
     if checkpoint is None:
         return
     log = logs / f"{family}-direct.log"
-    with phase(f"{family} direct", budget, 30, log) as go:
+    with phase(f"{family} direct", budget, 30, log, "direct" in args.phases) as go:
         if go:
             with GpuMemory(args.device) as memory:
                 base = direct(checkpoint, args, size, steps, log)
@@ -576,24 +674,40 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
                 f"1:{base['images_per_s_1']:.2f} / ceiling {base['ceiling']:.2f} (batch {args.batch})",
                 "", _gib(memory.peak or base["gib"] or None), "",
             )  # fmt: skip
+    log = logs / f"{family}-direct-compiled.log"
+    with phase(f"{family} direct compiled", budget, 90, log, "direct-compiled" in args.phases) as go:
+        if go:
+            table = logs / f"{family}-direct-compiled-profile.txt"
+            with GpuMemory(args.device) as memory:
+                yardstick = direct(checkpoint, args, size, steps, log, profile=table)
+            emit(
+                label, "direct compiled (batch 1)", f"(compile {yardstick['compile']:.1f})",
+                _ms(yardstick["p50"]), _ms(yardstick["p95"]), "", "", "", "", "", _gib(memory.peak), "",
+            )  # fmt: skip
+            note(
+                f"{family} direct compiled, one call profiled: {yardstick['device_busy'] * 1000:.1f} ms of "
+                f"kernels in {yardstick['profiled_wall'] * 1000:.1f} ms (the top kernels: {table.name})"
+            )
     batching = ("--max-batch-size", str(args.batch), "--max-batch-delay-ms", "20")
     shapes = f"{size}x{size}"
     compiled = ("--acceleration", "compile", "--compile-shapes", shapes, "--compile-cache-dir", str(cache))
     reference: bytes | None = None  # the served eager image of seed 0
-    runs: list[tuple[str, tuple[str, ...], float]] = [
-        ("served eager", ("--acceleration", "off"), 45),
-        ("served eager, batching", ("--acceleration", "off", *batching), 45),
-        ("served compiled, cold cache", (*compiled, *batching), 120),
-        ("served compiled, warm cache", (*compiled, *batching), 60),
+    runs: list[tuple[str, str, tuple[str, ...], float]] = [
+        ("eager", "served eager", ("--acceleration", "off"), 45),
+        ("eager-batching", "served eager, batching", ("--acceleration", "off", *batching), 45),
+        ("compiled-cold", "served compiled, cold cache", (*compiled, *batching), 120),
+        ("compiled-warm", "served compiled, warm cache", (*compiled, *batching), 60),
     ]
-    for name, flags, needs in runs:
+    for key, name, flags, needs in runs:
+        if key not in args.phases:
+            continue
         if name.endswith("warm cache") and not any(cache.glob("*")):
             note(f"{family} {name}: skipped, the cold run left no cache")
             continue
         if name.endswith("cold cache"):  # cold also where --keep names a folder of an earlier run
             shutil.rmtree(cache, ignore_errors=True)
         log = logs / f"{family}-{name.replace(' ', '-').replace(',', '')}.log"
-        with phase(f"{family} {name}", budget, needs, log) as go:
+        with phase(f"{family} {name}", budget, needs, log, True) as go:
             if go:
                 result = served(checkpoint, args, budget, size, steps, log, *flags)
                 served_row(label, name, result, reference)

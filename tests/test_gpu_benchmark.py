@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_gpu_benchmark_runs_every_phase_on_a_cpu(tmp_path: Path) -> None:
     command = [
         sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
-        "--families", "sd15", "--requests", "3", "--latency-seconds", "1", "--off-shape-requests", "1",
+        "--families", "sd15", "--requests", "3", "--latency-seconds", "1", "--off-shape-requests", "2",
         "--clients", "1,2", "--window", "1", "--budget", "3000", "--keep", str(tmp_path),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")])}
@@ -26,6 +26,7 @@ def test_the_gpu_benchmark_runs_every_phase_on_a_cpu(tmp_path: Path) -> None:
     rows = {re.split(r"\s{2,}", line)[1]: line for line in lines}
     assert set(rows) == {
         "direct eager",
+        "direct compiled (batch 1)",
         "served eager [off]",
         "served eager, batching [off]",
         "served compiled, cold cache [compile]",
@@ -36,3 +37,8 @@ def test_the_gpu_benchmark_runs_every_phase_on_a_cpu(tmp_path: Path) -> None:
         difference = re.search(r"max (\d+) mean", rows[name])
         assert difference is not None and int(difference.group(1)) <= 1, rows[name]
     assert re.search(r"hits [1-9]", rows["served compiled, warm cache [compile]"]), out
+    # The yardstick's profile: kernel time against wall time, and the table it names.
+    assert re.search(r"direct compiled, one call profiled: [\d.]+ ms of kernels in [\d.]+ ms", out), out
+    assert (tmp_path / "sd15-direct-compiled-profile.txt").read_text().strip(), out
+    # The undeclared size: the first request and the median of the rest.
+    assert re.search(r"\d+\.\d/\d+\.\d", rows["served eager [off]"]), rows["served eager [off]"]
