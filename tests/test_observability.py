@@ -357,6 +357,21 @@ def test_json_log_lines_carry_the_access_fields(observed_stub: pb_grpc.AutoPipel
     assert (missing["rpc"], missing["status"]) == ("Inspect", "NOT_FOUND") and "nope" in missing["details"]
 
 
+def test_library_warnings_are_json_log_lines_too() -> None:
+    """A library's warning goes through the server's handler, so every stderr line of a JSON log parses."""
+    code = (
+        "import warnings; from autopipeline_server.cli import configure_logging; "
+        "configure_logging('INFO', 'json', quiet_libraries=False); "
+        "warnings.warn('`upcast_vae` is deprecated', FutureWarning)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(line["logger"], line["level"]) for line in lines] == [("py.warnings", "WARNING")], result.stderr
+    assert "`upcast_vae` is deprecated" in lines[0]["message"]
+
+
 # ------------------------------------------------------------------------------------------ settings
 
 

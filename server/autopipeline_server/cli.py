@@ -229,6 +229,9 @@ def configure_logging(level: str, log_format: str = "text", *, quiet_libraries: 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(log_formatter(log_format))
     logging.basicConfig(level=level, handlers=[handler])
+    # The libraries' warnings (diffusers' deprecations, torch's advice) as log records on this handler:
+    # with --log-format json, a bare warning on stderr would be the one line a log shipper cannot parse.
+    logging.captureWarnings(True)
     if quiet_libraries and level != "DEBUG":
         import diffusers.utils.logging as diffusers_logging
         import transformers.utils.logging as transformers_logging
