@@ -313,3 +313,27 @@ def test_progress_on_cuda_waits_for_the_previous_step_before_reporting(
     for _ in calls._ProgressReporter(Hooks(), 0, None, device=torch.device("cpu"))(range(2)):
         pass
     assert log == ["report 1/2", "report 2/2"]  # nothing to wait for off CUDA
+
+
+def test_a_scheduler_that_cannot_be_built_is_not_offered_and_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from autopipeline_server import pipelines
+
+    class Unbuildable:  # as EDMEulerScheduler from an SDXL Euler config on one torch build
+        @classmethod
+        def from_config(cls, config: object) -> None:
+            raise TypeError("unsupported operand type(s) for ** or pow(): 'NoneType' and 'float'")
+
+    class Buildable:
+        @classmethod
+        def from_config(cls, config: object) -> None:
+            return None
+
+    with caplog.at_level("INFO", logger="autopipeline_server.pipelines"):
+        for _ in Task:  # each task's pipeline asks about the same schedulers
+            assert not pipelines._usable(Unbuildable, {})
+            assert pipelines._usable(Buildable, {})
+    said = [r.getMessage() for r in caplog.records if "Unbuildable" in r.getMessage()]
+    assert said == ["not offering Unbuildable: it cannot be built here (TypeError: unsupported operand "
+                    "type(s) for ** or pow(): 'NoneType' and 'float')"]  # fmt: skip

@@ -422,18 +422,27 @@ def _usable(cls: type[Any], config: Any) -> bool:
     missing), nor when building it fails (KDPM2 schedulers with some numpy/torch pairs).
     """
     if isinstance(cls, DummyObject):
-        log.info("not offering %s: its optional dependency is not installed", cls.__name__)
+        _say_once(logging.INFO, f"not offering {cls.__name__}: its optional dependency is not installed")
         return False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cls.from_config(config)
     except Exception as err:
-        log.warning(
-            "not offering %s: it cannot be built here (%s: %s)", cls.__name__, type(err).__name__, err
-        )
+        reason = f"{type(err).__name__}: {err}"
+        _say_once(logging.WARNING, f"not offering {cls.__name__}: it cannot be built here ({reason})")
         return False
     return True
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(level: int, message: str) -> None:
+    """Logs a message the first time only: each task's pipeline of a model asks about the same schedulers."""
+    if message not in _SAID:
+        _SAID.add(message)
+        log.log(level, "%s", message)
 
 
 def _alias_text_models(pipe: Any) -> None:
