@@ -7,13 +7,19 @@ event, first step, an undeclared size, images/s with 1/8/16 clients with batchin
 direct batched ceiling), cold start with an empty and a warm compile cache, the compiled/eager denoiser
 calls the server counted, GPU memory, and how far compiled images are from eager ones.
 
-Made for one unattended run: every phase is timed against `--budget` (a phase that cannot start in time
-is printed as skipped, a server that cannot become SERVING in the time left is stopped), throughput is
-measured over a time window whose unfinished requests are cancelled, and a failing phase prints its
-error and the server's last log lines, then the run goes on.
+A "direct compiled" row compiles the direct pipeline's UNet as diffusers documents it and profiles one
+call: the yardstick for the served compiled path on the same GPU.
 
-    python benchmarks/gpu.py                      # CUDA, both architectures, within --budget (420 s)
-    python benchmarks/gpu.py --tiny --device cpu  # smoke test: tiny checkpoint, small numbers
+Made for one unattended run: every phase is timed against `--budget` (a phase that cannot start in time
+is printed as skipped, a server that cannot become SERVING in the time left is stopped), phases run
+most telling first (see PHASES), throughput is measured over a time window whose unfinished requests
+are cancelled, and a failing phase prints its error and the server's last log lines, then the run
+goes on. Measured on one H100: SD 1.5's phases take about 7 minutes (compiling batch sizes 1 and 8:
+2-2.5 of them), SDXL's direct and compiled cold phases at batch 1 about 3.5; so run them apart:
+
+    python benchmarks/gpu.py --families sd15      # CUDA, within --budget (420 s)
+    python benchmarks/gpu.py --families sdxl --phases direct,compiled-cold,compiled-warm --batch 1 --clients 1
+    python benchmarks/gpu.py --tiny --device cpu  # smoke test: tiny checkpoints, small numbers
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ FULL = {  # family: (size, steps)
     "sdxl": (1024, 20),
 }
 # A family's phases, in the order they run.
-PHASES = ("direct", "direct-compiled", "eager", "eager-batching", "compiled-cold", "compiled-warm")
+PHASES = ("direct", "eager", "compiled-cold", "compiled-warm", "eager-batching", "direct-compiled")
 # Seconds kept back from the budget for stopping a server and printing.
 RESERVE = 15.0
 T = TypeVar("T")
@@ -581,13 +587,8 @@ def served_row(label: str, name: str, result: Served, reference: bytes | None) -
 
 
 @contextlib.contextmanager
-def phase(
-    name: str, budget: Budget, needs: float, log: Path | None = None, wanted: bool = True
-) -> Iterator[bool]:
-    """Runs a wanted phase if `needs` seconds are left; a failure prints the log's tail, the run goes on."""
-    if not wanted:
-        yield False
-        return
+def phase(name: str, budget: Budget, needs: float, log: Path | None = None) -> Iterator[bool]:
+    """Runs a phase if `needs` seconds are left; a failure prints the log's tail, and the run goes on."""
     if budget.left() < needs:
         note(f"{name}: skipped, {max(budget.left(), 0):.0f}s of the budget left")
         yield False
@@ -664,55 +665,78 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
             note(f"{family}: checkpoint built in {time.monotonic() - started:.0f}s")
     if checkpoint is None:
         return
-    log = logs / f"{family}-direct.log"
-    with phase(f"{family} direct", budget, 30, log, "direct" in args.phases) as go:
-        if go:
-            with GpuMemory(args.device) as memory:
-                base = direct(checkpoint, args, size, steps, log)
-            emit(
-                label, "direct eager", "", _ms(base["p50"]), _ms(base["p95"]), "", "", "",
-                f"1:{base['images_per_s_1']:.2f} / ceiling {base['ceiling']:.2f} (batch {args.batch})",
-                "", _gib(memory.peak or base["gib"] or None), "",
-            )  # fmt: skip
-    log = logs / f"{family}-direct-compiled.log"
-    with phase(f"{family} direct compiled", budget, 90, log, "direct-compiled" in args.phases) as go:
-        if go:
-            table = logs / f"{family}-direct-compiled-profile.txt"
-            with GpuMemory(args.device) as memory:
-                yardstick = direct(checkpoint, args, size, steps, log, profile=table)
-            emit(
-                label, "direct compiled (batch 1)", f"(compile {yardstick['compile']:.1f})",
-                _ms(yardstick["p50"]), _ms(yardstick["p95"]), "", "", "", "", "", _gib(memory.peak), "",
-            )  # fmt: skip
-            note(
-                f"{family} direct compiled, one call profiled: {yardstick['device_busy'] * 1000:.1f} ms of "
-                f"kernels in {yardstick['profiled_wall'] * 1000:.1f} ms (the top kernels: {table.name})"
-            )
+
+    def direct_eager(log: Path) -> None:
+        with GpuMemory(args.device) as memory:
+            base = direct(checkpoint, args, size, steps, log)
+        emit(
+            label, "direct eager", "", _ms(base["p50"]), _ms(base["p95"]), "", "", "",
+            f"1:{base['images_per_s_1']:.2f} / ceiling {base['ceiling']:.2f} (batch {args.batch})",
+            "", _gib(memory.peak or base["gib"] or None), "",
+        )  # fmt: skip
+
+    def direct_compiled(log: Path) -> None:
+        table = logs / f"{family}-direct-compiled-profile.txt"
+        with GpuMemory(args.device) as memory:
+            yardstick = direct(checkpoint, args, size, steps, log, profile=table)
+        emit(
+            label, "direct compiled (batch 1)", f"(compile {yardstick['compile']:.1f})",
+            _ms(yardstick["p50"]), _ms(yardstick["p95"]), "", "", "", "", "", _gib(memory.peak), "",
+        )  # fmt: skip
+        note(
+            f"{family} direct compiled, one call profiled: {yardstick['device_busy'] * 1000:.1f} ms of "
+            f"kernels in {yardstick['profiled_wall'] * 1000:.1f} ms (the top kernels: {table.name})"
+        )
+
+    reference: list[bytes] = []  # the served eager image of seed 0, once measured
+
+    def serve(name: str, *flags: str) -> Callable[[Path], None]:
+        def run(log: Path) -> None:
+            result = served(checkpoint, args, budget, size, steps, log, *flags)
+            served_row(label, name, result, reference[0] if reference else None)
+            if not reference and result.acceleration.mode == "off":
+                reference.append(result.image)
+
+        return run
+
     batching = ("--max-batch-size", str(args.batch), "--max-batch-delay-ms", "20")
     shapes = f"{size}x{size}"
     compiled = ("--acceleration", "compile", "--compile-shapes", shapes, "--compile-cache-dir", str(cache))
-    reference: bytes | None = None  # the served eager image of seed 0
-    runs: list[tuple[str, str, tuple[str, ...], float]] = [
-        ("eager", "served eager", ("--acceleration", "off"), 45),
-        ("eager-batching", "served eager, batching", ("--acceleration", "off", *batching), 45),
-        ("compiled-cold", "served compiled, cold cache", (*compiled, *batching), 120),
-        ("compiled-warm", "served compiled, warm cache", (*compiled, *batching), 60),
-    ]
-    for key, name, flags, needs in runs:
+    # Most telling first, where the budget may not reach the end: the baselines, then compiled cold and
+    # warm, then batching and the compiled yardstick.
+    phases: dict[str, tuple[str, Callable[[Path], None], float]] = {
+        "direct": ("direct", direct_eager, 30),
+        "eager": ("served eager", serve("served eager", "--acceleration", "off"), 45),
+        "compiled-cold": (
+            "served compiled, cold cache",
+            serve("served compiled, cold cache", *compiled, *batching),
+            120,
+        ),
+        "compiled-warm": (
+            "served compiled, warm cache",
+            serve("served compiled, warm cache", *compiled, *batching),
+            60,
+        ),
+        "eager-batching": (
+            "served eager, batching",
+            serve("served eager, batching", "--acceleration", "off", *batching),
+            45,
+        ),
+        "direct-compiled": ("direct compiled", direct_compiled, 90),
+    }
+    for key in PHASES:
+        name, run, needs = phases[key]
         if key not in args.phases:
             continue
-        if name.endswith("warm cache") and not any(cache.glob("*")):
+        if key == "compiled-warm" and not any(cache.glob("*")):
             note(f"{family} {name}: skipped, the cold run left no cache")
             continue
-        if name.endswith("cold cache"):  # cold also where --keep names a folder of an earlier run
+        if key == "compiled-cold":  # cold also where --keep names a folder of an earlier run
             shutil.rmtree(cache, ignore_errors=True)
         log = logs / f"{family}-{name.replace(' ', '-').replace(',', '')}.log"
-        with phase(f"{family} {name}", budget, needs, log, True) as go:
+        with phase(f"{family} {name}", budget, needs, log) as go:
             if go:
-                result = served(checkpoint, args, budget, size, steps, log, *flags)
-                served_row(label, name, result, reference)
-                if reference is None and result.acceleration.mode == "off":
-                    reference = result.image
+                run(log)
 
 
 if __name__ == "__main__":
