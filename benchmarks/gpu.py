@@ -14,8 +14,9 @@ Made for one unattended run: every phase is timed against `--budget` (a phase th
 is printed as skipped, a server that cannot become SERVING in the time left is stopped), phases run
 most telling first (see PHASES), throughput is measured over a time window whose unfinished requests
 are cancelled, and a failing phase prints its error and the server's last log lines, then the run
-goes on. Measured on one H100: SD 1.5's phases take about 7 minutes (compiling batch sizes 1 and 8:
-2-2.5 of them), SDXL's direct and compiled cold phases at batch 1 about 3.5; so run them apart:
+goes on. On one H100, SD 1.5's phases up to the warm restart (which the run did not reach) took 340 s,
+compiling batch sizes 1 and 8 about 130 of them, and SDXL's build, direct and compiled cold phases at
+batch 1 took 217 s; so run the families apart:
 
     python benchmarks/gpu.py --families sd15      # CUDA, within --budget (420 s)
     python benchmarks/gpu.py --families sdxl --phases direct,compiled-cold,compiled-warm --batch 1 --clients 1
