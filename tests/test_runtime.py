@@ -434,6 +434,64 @@ def test_batched_previews_reach_each_member(batching: ServerThread) -> None:
                     assert preview.size == (64, 64)
 
 
+def test_a_request_queued_behind_a_batch_waits_for_that_batch_s_clients(checkpoints: dict[str, Path]) -> None:
+    """Closed-loop clients stay in one batch: the request that waited through a call of several
+    does not start alone as the call ends, while that call's clients are still being answered."""
+    server = ServerThread(tiny_settings(checkpoints, max_batch_size=8))
+    worker = server.running.worker
+    worker.max_batch_delay = 600.0  # beyond the test: every wait below ends by the company arriving
+
+    async def scenario() -> tuple[int, list[str]]:
+        calls = worker.stats.pipeline_calls
+        device = threading.Event()
+        held = asyncio.ensure_future(worker.run_on_device(device.wait, 60))  # the device is busy
+        arrival = worker.arriving()  # the three come as one: a batch forms until they are all in
+        first = [worker.submit(_prepared(server, f"client {i}")) for i in range(3)]
+        arrival.close()
+        while worker.queue_depth:
+            await asyncio.sleep(0)
+        late = worker.submit(_prepared(server, "queued behind them"))  # waits through their call
+        device.set()
+        await held
+        endings = [await _ending(job) for job in first]  # their clients are answered, and come back
+        again = [worker.submit(_prepared(server, f"client {i} again")) for i in range(3)]
+        endings += [await _ending(job) for job in (late, *again)]
+        return worker.stats.pipeline_calls - calls, [ending for _, ending in endings]
+
+    try:
+        calls, endings = server.call(scenario())
+    finally:
+        server.stop()
+    assert endings == ["Finished"] * 7
+    assert calls == 2  # the three, then the late one with the three back; not the late one alone
+
+
+def test_a_different_kind_of_request_does_not_wait_for_the_last_batch_s_clients(
+    checkpoints: dict[str, Path],
+) -> None:
+    server = ServerThread(tiny_settings(checkpoints, max_batch_size=8))
+    worker = server.running.worker
+    worker.max_batch_delay = 600.0  # waiting for company would hang the test until the backstop
+
+    async def scenario() -> list[str]:
+        arrival = worker.arriving()
+        first = [worker.submit(_prepared(server, f"client {i}")) for i in range(2)]
+        arrival.close()
+        endings = [await _ending(job) for job in first]
+        other = prepare_call(
+            _prepared(server, "x").model,
+            GenerationRequest(model="sd15", task=Task.TEXT_TO_IMAGE, prompt="other", width=64, height=64,
+                              num_inference_steps=3, seed=1),
+        )  # fmt: skip
+        endings.append(await _ending(worker.submit(other)))  # another number of steps: another batch
+        return [ending for _, ending in endings]
+
+    try:
+        assert server.call(scenario()) == ["Finished"] * 3
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------------------- model cache
 
 

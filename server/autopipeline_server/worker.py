@@ -242,6 +242,9 @@ class InferenceWorker:
         self._reserved = 0
         # Seconds a pipeline call has taken lately (a moving average), for retry hints and dispatch.
         self._call_seconds: float | None = None
+        # The last call that ran: its batch key, how many requests it served and when it ended
+        # (perf_counter, as Job.arrived), for the company a batch forming after it waits for.
+        self._last_call: tuple[str | None, int, float] | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -425,15 +428,40 @@ class InferenceWorker:
                 batch.append(job)
                 room -= job.images
 
+    def _company_awaited(self, batch: list[Job]) -> int:
+        """The size a batch forming now may wait to reach, besides the requests on their way (0: none).
+
+        When the last call served several requests of the batch's kind and ended less than
+        `max_batch_delay` ago, its clients may come back together: the batch waits for as many
+        requests as that call served, plus its members that were already queued before it ended.
+        Without this, a request queued behind a batch starts alone the moment the batch ends, while
+        that batch's clients are still receiving their images, and their next requests queue
+        behind it: a split that repeats for as long as they keep sending (measured on an H100 with
+        8 clients and compiled SD 1.5: batches of 7 and 1, 4.7 images/s where a batch of 8 runs
+        6.2). A lone client is never in such a call, so it never waits.
+        """
+        if self._last_call is None:
+            return 0
+        key, served, ended = self._last_call
+        if served <= 1 or key != batch[0].batch_key or time.perf_counter() - ended > self.max_batch_delay:
+            return 0
+        waited_through_it = sum(1 for job in batch if job.arrived < ended)
+        return min(self.max_batch_size, waited_through_it + served)
+
     async def _fill(self, batch: list[Job]) -> None:
-        """Adds compatible company to a batch, waiting up to `max_batch_delay` for more to arrive."""
+        """Adds compatible company to a batch, waiting up to `max_batch_delay` for more to arrive.
+
+        It waits only while requests are on their way to the queue, or while the last call's
+        requests may come back (`_company_awaited`): a lone client never pays the delay.
+        """
         if self.max_batch_size <= 1 or batch[0].batch_key is None:
             return
         self._take_companions(batch)
+        awaited = self._company_awaited(batch)
         deadline = time.monotonic() + self.max_batch_delay
         while sum(job.images for job in batch) < self.max_batch_size and self._accepting:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._arriving:
+            if remaining <= 0 or not (self._arriving or len(batch) < awaited):
                 break
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -460,6 +488,8 @@ class InferenceWorker:
             await self._execute(batch)
         finally:
             finished = time.perf_counter()
+            if batch and batch[0].started is not None:  # the call ran (or began to)
+                self._last_call = (batch[0].batch_key, len(batch), finished)
             for job in batch:
                 job.done = True
                 if job.started is not None:
