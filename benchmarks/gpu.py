@@ -620,6 +620,13 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=8.0, help="seconds of each throughput measurement")
     parser.add_argument("--batch", type=int, default=8, help="max batch size when batching is on")
     parser.add_argument(
+        "--batch-delay-ms",
+        type=int,
+        default=100,
+        help="max batch delay when batching is on: long enough for a batch's clients to come back "
+        "(random weights make noise images, which took 40-90 ms each to encode as PNG on the H100's host)",
+    )
+    parser.add_argument(
         "--phases",
         default=",".join(PHASES),
         help=f"the phases to run for each family, of {','.join(PHASES)} (checkpoint building always runs)",
@@ -633,7 +640,8 @@ def main() -> None:
         parser.error(f"--phases: unknown {', '.join(sorted(args.phases - set(PHASES)))}")
     budget = Budget(args.budget)
     print(
-        f"device {args.device}; served batching: max {args.batch}, delay 20 ms; budget {args.budget:.0f}s; "
+        f"device {args.device}; served batching: max {args.batch}, delay {args.batch_delay_ms} ms; "
+        f"budget {args.budget:.0f}s; "
         "denoiser calls: compiled/eager/eager fallbacks; GiB: peak used on the whole GPU (nvidia-smi)",
         flush=True,
     )
@@ -700,7 +708,7 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
 
         return run
 
-    batching = ("--max-batch-size", str(args.batch), "--max-batch-delay-ms", "20")
+    batching = ("--max-batch-size", str(args.batch), "--max-batch-delay-ms", str(args.batch_delay_ms))
     shapes = f"{size}x{size}"
     compiled = ("--acceleration", "compile", "--compile-shapes", shapes, "--compile-cache-dir", str(cache))
     # Most telling first, where the budget may not reach the end: the baselines, then compiled cold and
