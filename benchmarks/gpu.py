@@ -8,7 +8,10 @@ direct batched ceiling), cold start with an empty and a warm compile cache, the 
 calls the server counted, GPU memory, and how far compiled images are from eager ones.
 
 A "direct compiled" row compiles the direct pipeline's UNet as diffusers documents it and profiles one
-call: the yardstick for the served compiled path on the same GPU.
+call: the yardstick for the served compiled path on the same GPU. A "server call path" row runs the
+server's own load, placement, compile and `run_call` in-process (no gRPC) and profiles one call: between
+the two, what the server's call path costs; between it and served compiled, what the server around it
+costs.
 
 Made for one unattended run: every phase is timed against `--budget` (a phase that cannot start in time
 is printed as skipped, a server that cannot become SERVING in the time left is stopped), phases run
@@ -57,7 +60,15 @@ FULL = {  # family: (size, steps)
     "sdxl": (1024, 20),
 }
 # A family's phases, in the order they run.
-PHASES = ("direct", "eager", "compiled-cold", "compiled-warm", "eager-batching", "direct-compiled")
+PHASES = (
+    "direct",
+    "eager",
+    "compiled-cold",
+    "compiled-warm",
+    "eager-batching",
+    "direct-compiled",
+    "call-path",
+)
 # Seconds kept back from the budget for stopping a server and printing.
 RESERVE = 15.0
 T = TypeVar("T")
@@ -281,17 +292,7 @@ def _direct_compiled(
         run()
     compile_seconds = time.perf_counter() - started
     singles = _repeat(lambda _: run(), requests, seconds)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if cuda:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        wall = run()
-    averages = prof.key_averages()
-    # Kernel time: each kernel's self time on the device, summed; against the call's wall time it says
-    # whether the GPU or the host bounds the call.
-    busy = sum(event.self_device_time_total for event in averages) / 1e6
-    profile.write_text(averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                      row_limit=30))  # fmt: skip
+    wall, busy = _profiled(run, cuda, profile)
     return {
         "p50": statistics.median(singles),
         "p95": percentile(singles, 0.95),
@@ -299,6 +300,87 @@ def _direct_compiled(
         "profiled_wall": wall,
         "device_busy": busy,
     }
+
+
+def call_path(
+    checkpoint: Path, args: argparse.Namespace, size: int, steps: int, log: Path, profile: Path
+) -> dict[str, Any]:
+    """The server's own call path in a child, without gRPC: the model loaded, placed and compiled
+    as the server does it (one declared shape, batch 1), then `run_call` timed and one call profiled.
+
+    Against "direct compiled" it says what the server's call path costs; against served compiled,
+    what the server around it costs.
+    """
+    call = (
+        f"gpu._call_path({str(checkpoint)!r}, {args.device!r}, {size}, {steps}, {args.requests}, "
+        f"{args.latency_seconds}, {str(profile)!r})"
+    )
+    here = str(Path(__file__).parent)
+    code = f"import sys; sys.path.insert(0, {here!r}); import gpu, json; print(json.dumps({call}))"
+    return dict(json.loads(_child([sys.executable, "-c", code], log).strip().splitlines()[-1]))
+
+
+def _call_path(
+    checkpoint: str, device: str, size: int, steps: int, requests: int, seconds: float, profile: str
+) -> dict[str, float]:
+    import torch
+
+    from autopipeline_server.acceleration import AccelerationPlan
+    from autopipeline_server.calls import QuietHooks, run_call
+    from autopipeline_server.domain import GenerationRequest, Task
+    from autopipeline_server.pipelines import load_model, resolve_dtype
+    from autopipeline_server.prepare import prepare_call
+    from autopipeline_server.registry import place_on_device
+    from autopipeline_server.settings import load_settings
+
+    settings = load_settings(
+        {"models": f"m={checkpoint}", "acceleration": "compile", "compile_shapes": f"{size}x{size}x1"}, {}
+    )
+    where = torch.device(device)
+    model = load_model(settings.models[0], dtype=resolve_dtype("auto", where), allow_pickle=False)
+    started = time.perf_counter()
+    place_on_device(model, where, AccelerationPlan.from_settings(settings, where), warm=True)
+    compile_seconds = time.perf_counter() - started
+    request = GenerationRequest(
+        model="m", task=Task.TEXT_TO_IMAGE, prompt="a lighthouse", width=size, height=size,
+        num_inference_steps=steps, seed=0,
+    )  # fmt: skip
+
+    def run() -> float:
+        begun = time.perf_counter()
+        run_call(prepare_call(model, request), QuietHooks())  # PIL images back: the GPU is done
+        return time.perf_counter() - begun
+
+    run()
+    singles = _repeat(lambda _: run(), requests, seconds)
+    wall, busy = _profiled(run, where.type == "cuda", Path(profile))
+    return {
+        "p50": statistics.median(singles),
+        "p95": percentile(singles, 0.95),
+        "compile": compile_seconds,
+        "profiled_wall": wall,
+        "device_busy": busy,
+    }
+
+
+def _profiled(run: Callable[[], float], cuda: bool, table: Path) -> tuple[float, float]:
+    """Runs `run` once under torch.profiler: its wall time and the seconds of kernels it ran.
+
+    Kernel time is each kernel's self time on the device, summed; against the wall time it says
+    whether the GPU or the host bounds the call. The table of the top operators goes to `table`.
+    """
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        wall = run()
+    averages = prof.key_averages()
+    busy = sum(event.self_device_time_total for event in averages) / 1e6
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table.write_text(averages.table(sort_by=sort_by, row_limit=30))
+    return wall, busy
 
 
 def _repeat(measure: Callable[[int], T], count: int, seconds: float) -> list[T]:
@@ -697,6 +779,19 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
             f"kernels in {yardstick['profiled_wall'] * 1000:.1f} ms (the top kernels: {table.name})"
         )
 
+    def served_call_path(log: Path) -> None:
+        table = logs / f"{family}-call-path-profile.txt"
+        with GpuMemory(args.device) as memory:
+            measured = call_path(checkpoint, args, size, steps, log, table)
+        emit(
+            label, "call path, compiled (batch 1, no gRPC)", f"(compile {measured['compile']:.1f})",
+            _ms(measured["p50"]), _ms(measured["p95"]), "", "", "", "", "", _gib(memory.peak), "",
+        )  # fmt: skip
+        note(
+            f"{family} server call path, one call profiled: {measured['device_busy'] * 1000:.1f} ms of "
+            f"kernels in {measured['profiled_wall'] * 1000:.1f} ms (the top kernels: {table.name})"
+        )
+
     reference: list[bytes] = []  # the served eager image of seed 0, once measured
 
     def serve(name: str, *flags: str) -> Callable[[Path], None]:
@@ -732,6 +827,7 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
             45,
         ),
         "direct-compiled": ("direct compiled", direct_compiled, 90),
+        "call-path": ("server call path", served_call_path, 90),
     }
     for key in PHASES:
         name, run, needs = phases[key]

@@ -27,6 +27,7 @@ def test_the_gpu_benchmark_runs_every_phase_on_a_cpu(tmp_path: Path) -> None:
     assert set(rows) == {
         "direct eager",
         "direct compiled (batch 1)",
+        "call path, compiled (batch 1, no gRPC)",
         "served eager [off]",
         "served eager, batching [off]",
         "served compiled, cold cache [compile]",
@@ -40,5 +41,7 @@ def test_the_gpu_benchmark_runs_every_phase_on_a_cpu(tmp_path: Path) -> None:
     # The yardstick's profile: kernel time against wall time, and the table it names.
     assert re.search(r"direct compiled, one call profiled: [\d.]+ ms of kernels in [\d.]+ ms", out), out
     assert (tmp_path / "sd15-direct-compiled-profile.txt").read_text().strip(), out
+    assert re.search(r"server call path, one call profiled: [\d.]+ ms of kernels in [\d.]+ ms", out), out
+    assert "aten::" in (tmp_path / "sd15-call-path-profile.txt").read_text(), out
     # The undeclared size: the first request and the median of the rest.
     assert re.search(r"\d+\.\d/\d+\.\d", rows["served eager [off]"]), rows["served eager [off]"]

@@ -66,6 +66,22 @@ class ModelEntry:
 StateListener = Callable[[ModelEntry], None]
 
 
+def place_on_device(model: LoadedModel, device: torch.device, plan: AccelerationPlan, *, warm: bool) -> None:
+    """Makes a loaded model ready to serve on `device`; runs on the device's thread.
+
+    Also what `benchmarks/gpu.py` runs to time the server's own call path without gRPC.
+    """
+    model.to(device)
+    # Before anything runs or compiles, so all of it sees the final state; `accelerate` pins again
+    # the processors its fused QKV projections swap in.
+    skip_hook_walks(model)
+    pin_signatures(model)
+    if warm:
+        warm_up(model)
+    # Compiles (and captures) the declared shapes before the model is READY.
+    accelerate(model, plan)
+
+
 def allowed_source(name: str, patterns: tuple[str, ...]) -> str | None:
     """The normalised source a request may load under `name`, or None.
 
@@ -264,15 +280,7 @@ class ModelRegistry:
         spec, device = entry.spec, self.device
 
         def place(model: LoadedModel) -> None:
-            model.to(device)
-            # Before anything runs or compiles, so all of it sees the final state; `accelerate`
-            # pins again the processors its fused QKV projections swap in.
-            skip_hook_walks(model)
-            pin_signatures(model)
-            if warm:
-                warm_up(model)
-            # Compiles (and captures) the declared shapes before the model is READY.
-            accelerate(model, plan)
+            place_on_device(model, device, plan, warm=warm)
 
         plan = self.acceleration
 
