@@ -94,10 +94,7 @@ class Budget:
 
 def build_full_checkpoint(family: str, out: Path, log: Path, device: str) -> Path:
     """The real SD 1.5 / SDXL architectures, random weights (built in a child: this process has no torch)."""
-    here = str(Path(__file__).parent)
-    call = f"gpu._build_full({family!r}, {str(out)!r}, {device!r})"
-    code = f"import sys; sys.path.insert(0, {here!r}); import gpu; {call}"
-    _child([sys.executable, "-c", code], log)
+    _in_child(f"_build_full({family!r}, {str(out)!r}, {device!r})", log)
     return out
 
 
@@ -192,6 +189,16 @@ def _full_pipeline(family: str) -> Any:
 # --------------------------------------------------------------------------------------- measuring
 
 
+def _in_child(call: str, log: Path) -> dict[str, Any]:
+    """Runs `gpu.<call>` in a child Python (torch stays out of this process) and returns what it
+    returned (a JSON-able dict; None gives an empty one); the child's stderr goes to `log`."""
+    here = str(Path(__file__).parent)
+    code = (
+        f"import sys, json; sys.path.insert(0, {here!r}); import gpu; print(json.dumps(gpu.{call} or {{}}))"
+    )
+    return dict(json.loads(_child([sys.executable, "-c", code], log).strip().splitlines()[-1]))
+
+
 def _child(command: list[str], log: Path) -> str:
     """Runs a child to completion and returns its stdout; its stderr goes to `log`."""
     with log.open("w") as stderr:
@@ -218,13 +225,11 @@ def direct(
     compiled as diffusers documents it (channels_last, fused QKV, `torch.compile(mode="reduce-overhead",
     fullgraph=True)`), one image per call, and one call under torch.profiler, whose table goes to `profile`.
     """
-    call = (
-        f"gpu._direct({str(checkpoint)!r}, {args.device!r}, {size}, {steps}, {args.requests}, {args.batch}, "
-        f"{args.latency_seconds}, {str(profile) if profile else None!r})"
+    return _in_child(
+        f"_direct({str(checkpoint)!r}, {args.device!r}, {size}, {steps}, {args.requests}, {args.batch}, "
+        f"{args.latency_seconds}, {str(profile) if profile else None!r})",
+        log,
     )
-    here = str(Path(__file__).parent)
-    code = f"import sys; sys.path.insert(0, {here!r}); import gpu, json; print(json.dumps({call}))"
-    return dict(json.loads(_child([sys.executable, "-c", code], log).strip().splitlines()[-1]))
 
 
 def _direct(
@@ -290,16 +295,7 @@ def _direct_compiled(
     started = time.perf_counter()
     for _ in range(3):  # compile, record the CUDA graphs, replay
         run()
-    compile_seconds = time.perf_counter() - started
-    singles = _repeat(lambda _: run(), requests, seconds)
-    wall, busy = _profiled(run, cuda, profile)
-    return {
-        "p50": statistics.median(singles),
-        "p95": percentile(singles, 0.95),
-        "compile": compile_seconds,
-        "profiled_wall": wall,
-        "device_busy": busy,
-    }
+    return _timed_and_profiled(run, requests, seconds, cuda, profile, time.perf_counter() - started)
 
 
 def call_path(
@@ -311,13 +307,11 @@ def call_path(
     Against "direct compiled" it says what the server's call path costs; against served compiled,
     what the server around it costs.
     """
-    call = (
-        f"gpu._call_path({str(checkpoint)!r}, {args.device!r}, {size}, {steps}, {args.requests}, "
-        f"{args.latency_seconds}, {str(profile)!r})"
+    return _in_child(
+        f"_call_path({str(checkpoint)!r}, {args.device!r}, {size}, {steps}, {args.requests}, "
+        f"{args.latency_seconds}, {str(profile)!r})",
+        log,
     )
-    here = str(Path(__file__).parent)
-    code = f"import sys; sys.path.insert(0, {here!r}); import gpu, json; print(json.dumps({call}))"
-    return dict(json.loads(_child([sys.executable, "-c", code], log).strip().splitlines()[-1]))
 
 
 def _call_path(
@@ -352,35 +346,33 @@ def _call_path(
         return time.perf_counter() - begun
 
     run()
-    singles = _repeat(lambda _: run(), requests, seconds)
-    wall, busy = _profiled(run, where.type == "cuda", Path(profile))
-    return {
-        "p50": statistics.median(singles),
-        "p95": percentile(singles, 0.95),
-        "compile": compile_seconds,
-        "profiled_wall": wall,
-        "device_busy": busy,
-    }
+    return _timed_and_profiled(run, requests, seconds, where.type == "cuda", Path(profile), compile_seconds)
 
 
-def _profiled(run: Callable[[], float], cuda: bool, table: Path) -> tuple[float, float]:
-    """Runs `run` once under torch.profiler: its wall time and the seconds of kernels it ran.
-
-    Kernel time is each kernel's self time on the device, summed; against the wall time it says
-    whether the GPU or the host bounds the call. The table of the top operators goes to `table`.
-    """
+def _timed_and_profiled(
+    run: Callable[[], float], requests: int, seconds: float, cuda: bool, table: Path, compile_seconds: float
+) -> dict[str, float]:
+    """p50/p95 of a compiled call, then one more call under torch.profiler: its wall time and the
+    seconds of kernels it ran (each kernel's self time on the device, summed), which against the
+    wall time say whether the GPU or the host bounds the call. The top operators go to `table`."""
     import torch
 
+    singles = _repeat(lambda _: run(), requests, seconds)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         wall = run()
     averages = prof.key_averages()
-    busy = sum(event.self_device_time_total for event in averages) / 1e6
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     table.write_text(averages.table(sort_by=sort_by, row_limit=30))
-    return wall, busy
+    return {
+        "p50": statistics.median(singles),
+        "p95": percentile(singles, 0.95),
+        "compile": compile_seconds,
+        "profiled_wall": wall,
+        "device_busy": sum(event.self_device_time_total for event in averages) / 1e6,
+    }
 
 
 def _repeat(measure: Callable[[int], T], count: int, seconds: float) -> list[T]:
@@ -766,31 +758,34 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
             "", _gib(memory.peak or base["gib"] or None), "",
         )  # fmt: skip
 
-    def direct_compiled(log: Path) -> None:
-        table = logs / f"{family}-direct-compiled-profile.txt"
-        with GpuMemory(args.device) as memory:
-            yardstick = direct(checkpoint, args, size, steps, log, profile=table)
-        emit(
-            label, "direct compiled (batch 1)", f"(compile {yardstick['compile']:.1f})",
-            _ms(yardstick["p50"]), _ms(yardstick["p95"]), "", "", "", "", "", _gib(memory.peak), "",
-        )  # fmt: skip
-        note(
-            f"{family} direct compiled, one call profiled: {yardstick['device_busy'] * 1000:.1f} ms of "
-            f"kernels in {yardstick['profiled_wall'] * 1000:.1f} ms (the top kernels: {table.name})"
-        )
+    def compiled_yardstick(
+        key: str, path: str, said: str, measure: Callable[[Path, Path], dict[str, Any]]
+    ) -> Callable[[Path], None]:
+        """A batch-1 compiled measurement with one profiled call (`measure(log, table)`): its row and note."""
 
-    def served_call_path(log: Path) -> None:
-        table = logs / f"{family}-call-path-profile.txt"
-        with GpuMemory(args.device) as memory:
-            measured = call_path(checkpoint, args, size, steps, log, table)
-        emit(
-            label, "call path, compiled (batch 1, no gRPC)", f"(compile {measured['compile']:.1f})",
-            _ms(measured["p50"]), _ms(measured["p95"]), "", "", "", "", "", _gib(memory.peak), "",
-        )  # fmt: skip
-        note(
-            f"{family} server call path, one call profiled: {measured['device_busy'] * 1000:.1f} ms of "
-            f"kernels in {measured['profiled_wall'] * 1000:.1f} ms (the top kernels: {table.name})"
-        )
+        def run(log: Path) -> None:
+            table = logs / f"{family}-{key}-profile.txt"
+            with GpuMemory(args.device) as memory:
+                measured = measure(log, table)
+            emit(
+                label, path, f"(compile {measured['compile']:.1f})",
+                _ms(measured["p50"]), _ms(measured["p95"]), "", "", "", "", "", _gib(memory.peak), "",
+            )  # fmt: skip
+            note(
+                f"{family} {said}, one call profiled: {measured['device_busy'] * 1000:.1f} ms of "
+                f"kernels in {measured['profiled_wall'] * 1000:.1f} ms (the top kernels: {table.name})"
+            )
+
+        return run
+
+    direct_compiled = compiled_yardstick(
+        "direct-compiled", "direct compiled (batch 1)", "direct compiled",
+        lambda log, table: direct(checkpoint, args, size, steps, log, profile=table),
+    )  # fmt: skip
+    served_call_path = compiled_yardstick(
+        "call-path", "call path, compiled (batch 1, no gRPC)", "server call path",
+        lambda log, table: call_path(checkpoint, args, size, steps, log, table),
+    )  # fmt: skip
 
     reference: list[bytes] = []  # the served eager image of seed 0, once measured
 

@@ -435,14 +435,10 @@ def _usable(cls: type[Any], config: Any) -> bool:
     return True
 
 
-_SAID: set[str] = set()
-
-
+@functools.cache
 def _say_once(level: int, message: str) -> None:
     """Logs a message the first time only: each task's pipeline of a model asks about the same schedulers."""
-    if message not in _SAID:
-        _SAID.add(message)
-        log.log(level, "%s", message)
+    log.log(level, "%s", message)
 
 
 def _alias_text_models(pipe: Any) -> None:
