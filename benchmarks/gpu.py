@@ -13,6 +13,12 @@ server's own load, placement, compile and `run_call` in-process (no gRPC) and pr
 the two, what the server's call path costs; between it and served compiled, what the server around it
 costs.
 
+Probes test designs the server does not use yet and run only when named in --phases. "precompile" asks
+whether ahead-of-time precompilation (`aot_compile`, then `load_compiled_function` in a fresh process)
+would make a warm restart fast where today dynamo re-traces every compiled shape, and whether the
+loaded UNet still replays CUDA graphs: one UNet call eager, compiled and precompiled, load time against
+trace time. On a 2-core CPU with the tiny SD 1.5: load 0.1 s against 2.0 s to trace, same call times.
+
 Made for one unattended run: every phase is timed against `--budget` (a phase that cannot start in time
 is printed as skipped, a server that cannot become SERVING in the time left is stopped), phases run
 most telling first (see PHASES), throughput is measured over a time window whose unfinished requests
@@ -23,6 +29,7 @@ batch 1 took 217 s; so run the families apart:
 
     python benchmarks/gpu.py --families sd15      # CUDA, within --budget (420 s)
     python benchmarks/gpu.py --families sdxl --phases direct,compiled-cold,compiled-warm --batch 1 --clients 1
+    python benchmarks/gpu.py --families sd15 --phases precompile      # the probe alone, about 2 minutes
     python benchmarks/gpu.py --tiny --device cpu  # smoke test: tiny checkpoints, small numbers
 """
 
@@ -69,6 +76,8 @@ PHASES = (
     "direct-compiled",
     "call-path",
 )
+# Probes of designs the server does not use yet: run only when named in --phases, after the phases.
+PROBES = ("precompile",)
 # Seconds kept back from the budget for stopping a server and printing.
 RESERVE = 15.0
 T = TypeVar("T")
@@ -373,6 +382,106 @@ def _timed_and_profiled(
         "profiled_wall": wall,
         "device_busy": sum(event.self_device_time_total for event in averages) / 1e6,
     }
+
+
+def precompile_probe(
+    checkpoint: Path, args: argparse.Namespace, size: int, folder: Path, log: Path
+) -> dict[str, Any]:
+    """Would ahead-of-time precompilation make warm restarts fast (issue 9's open target)?
+
+    A warm restart today re-traces the UNet with dynamo for every compiled shape (4-5 s each for the
+    SD 1.5 UNet on a 2-core CPU) before the compile cache can answer. `torch.compile(...).aot_compile`
+    saves the traced bytecode, its guards and the compiled graph, and `torch.compiler.load_compiled_function`
+    loads them in a fresh process without tracing; whether CUDA graphs survive that is an open question
+    upstream (pytorch#155703). One child compiles the UNet of a batch-1 call both ways and saves the
+    precompiled one; a second, fresh child loads it and times it against `torch.compile` warm from the
+    first child's Inductor cache, as a restart would be.
+    """
+    call = f"{str(checkpoint)!r}, {args.device!r}, {size}, {args.requests}, {str(folder)!r}"
+    saved = _in_child(f"_precompile({call}, 'save')", log)
+    loaded = _in_child(f"_precompile({call}, 'load')", log.with_suffix(".load.log"))
+    return {**saved, **loaded}
+
+
+_UNET: list[Any] = []  # the module `_unet_call` runs: the precompiled artefact refers to it, not its weights
+
+
+def _unet_call(sample: Any, timestep: Any, encoder_hidden_states: Any) -> Any:
+    return _UNET[0](sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def _precompile(
+    checkpoint: str, device: str, size: int, requests: int, folder: str, stage: str
+) -> dict[str, float]:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder) / "inductor")  # shared by both children
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    cuda = device.startswith("cuda")
+    pipe = AutoPipelineForText2Image.from_pretrained(
+        checkpoint, dtype=torch.float16 if cuda else torch.float32
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    unet = pipe.unet
+    unet.to(memory_format=torch.channels_last)  # as the server prepares it
+    unet.fuse_qkv_projections()
+    seen: list[tuple[Any, ...]] = []
+    eager_forward = unet.forward
+    unet.forward = lambda *a, **k: seen.append((*a[:2], k["encoder_hidden_states"])) or eager_forward(*a, **k)
+    with torch.inference_mode():
+        pipe("a lighthouse", num_inference_steps=2, width=size, height=size)
+        del unet.forward
+        sample, timestep, text = seen[0]
+        inputs = (sample.contiguous(memory_format=torch.channels_last), timestep.float(), text)
+    _UNET[:] = [unet]
+    graphs = {"triton.cudagraphs": True} if cuda else {}
+    path = Path(folder) / "unet.aot"
+
+    def timed(fn: Callable[..., Any]) -> float:
+        with torch.inference_mode():
+            started = time.perf_counter()
+            if cuda:
+                torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+            fn(*inputs)
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter() - started
+
+    def steady(fn: Callable[..., Any]) -> float:
+        for _ in range(3):  # CUDA graph trees record on the second call and replay from the third
+            timed(fn)
+        return statistics.median(timed(fn) for _ in range(max(requests, 5)))
+
+    result: dict[str, float] = {}
+    if stage == "save":
+        result["eager_call"] = steady(_unet_call)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            options = {"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe, **graphs}
+            aot = torch.compile(_unet_call, fullgraph=True, dynamic=False, options=options)
+            precompiled = aot.aot_compile((inputs, {}))  # type: ignore[attr-defined]
+        result["aot_compile"] = time.perf_counter() - started
+        started = time.perf_counter()
+        precompiled.save_compiled_function(str(path), external_data={"unet": unet})
+        result["save"], result["bytes"] = time.perf_counter() - started, path.stat().st_size
+        result["aot_call"] = steady(precompiled)
+        # The regular path, compiled cold here so that the second child's Inductor cache is warm.
+        compiled = torch.compile(_unet_call, fullgraph=True, dynamic=False, options=graphs)
+        result["compile_first"] = timed(compiled)
+        result["compile_call"] = steady(compiled)
+        return result
+    with torch.inference_mode():  # Inductor's imports, paid by whichever compiled code comes first
+        torch.compile(lambda x: x + 1, dynamic=False)(inputs[0])
+    started = time.perf_counter()
+    with path.open("rb") as file, torch.inference_mode():  # the guards' dispatch keys as in the calls
+        loaded = torch.compiler.load_compiled_function(file, external_data={"unet": unet})
+    result["load"] = time.perf_counter() - started
+    result["loaded_first"] = timed(loaded)
+    result["loaded_call"] = steady(loaded)
+    compiled = torch.compile(_unet_call, fullgraph=True, dynamic=False, options=graphs)
+    result["warm_first"] = timed(compiled)  # dynamo's trace, then the Inductor cache
+    result["warm_call"] = steady(compiled)
+    return result
 
 
 def _repeat(measure: Callable[[int], T], count: int, seconds: float) -> list[T]:
@@ -703,15 +812,16 @@ def main() -> None:
     parser.add_argument(
         "--phases",
         default=",".join(PHASES),
-        help=f"the phases to run for each family, of {','.join(PHASES)} (checkpoint building always runs)",
+        help=f"the phases to run for each family, of {','.join(PHASES)} (checkpoint building always "
+        f"runs), and the probes {','.join(PROBES)} (only when named)",
     )
     parser.add_argument("--keep", metavar="DIR", help="keep checkpoints, caches and logs here")
     parser.add_argument("--logs", metavar="DIR", help="write the servers' and children's logs here")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     args.phases = set(args.phases.split(","))
-    if args.phases - set(PHASES):
-        parser.error(f"--phases: unknown {', '.join(sorted(args.phases - set(PHASES)))}")
+    if args.phases - set(PHASES) - set(PROBES):
+        parser.error(f"--phases: unknown {', '.join(sorted(args.phases - set(PHASES) - set(PROBES)))}")
     budget = Budget(args.budget)
     print(
         f"device {args.device}; served batching: max {args.batch}, delay {args.batch_delay_ms} ms; "
@@ -787,6 +897,20 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
         lambda log, table: call_path(checkpoint, args, size, steps, log, table),
     )  # fmt: skip
 
+    def precompile(log: Path) -> None:
+        folder = root / f"precompile-{family}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        m = precompile_probe(checkpoint, args, size, folder, log)
+        note(
+            f"{family} precompile probe, one UNet call at batch 1 (p50 ms): eager {_ms(m['eager_call'])}, "
+            f"torch.compile {_ms(m['compile_call'])}, precompiled {_ms(m['aot_call'])}; in a fresh process: "
+            f"precompiled {_ms(m['loaded_call'])} after {m['load']:.1f} s to load and "
+            f"{m['loaded_first']:.1f} s for its first call, torch.compile {_ms(m['warm_call'])} after "
+            f"{m['warm_first']:.1f} s to trace and load its warm cache (cold: {m['compile_first']:.1f} s; "
+            f"aot_compile {m['aot_compile']:.1f} s, {m['bytes'] / 2**20:.1f} MiB saved)"
+        )
+
     reference: list[bytes] = []  # the served eager image of seed 0, once measured
 
     def serve(name: str, *flags: str) -> Callable[[Path], None]:
@@ -823,8 +947,9 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
         ),
         "direct-compiled": ("direct compiled", direct_compiled, 90),
         "call-path": ("server call path", served_call_path, 90),
+        "precompile": ("precompile probe", precompile, 120),
     }
-    for key in PHASES:
+    for key in (*PHASES, *PROBES):
         name, run, needs = phases[key]
         if key not in args.phases:
             continue

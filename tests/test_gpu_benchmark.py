@@ -9,13 +9,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every phase, and the probes, which run only when named.
+PHASES = "direct,eager,compiled-cold,compiled-warm,eager-batching,direct-compiled,call-path,precompile"
 
 
-def test_the_gpu_benchmark_runs_every_phase_on_a_cpu(tmp_path: Path) -> None:
+def test_the_gpu_benchmark_runs_every_phase_and_probe_on_a_cpu(tmp_path: Path) -> None:
     command = [
         sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
         "--families", "sd15", "--requests", "3", "--latency-seconds", "1", "--off-shape-requests", "2",
         "--clients", "1,2", "--window", "1", "--budget", "3000", "--keep", str(tmp_path),
+        "--phases", PHASES,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")])}
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500, check=False, env=env)
@@ -45,3 +48,6 @@ def test_the_gpu_benchmark_runs_every_phase_on_a_cpu(tmp_path: Path) -> None:
     assert "aten::" in (tmp_path / "sd15-call-path-profile.txt").read_text(), out
     # The undeclared size: the first request and the median of the rest.
     assert re.search(r"\d+\.\d/\d+\.\d", rows["served eager [off]"]), rows["served eager [off]"]
+    # The precompile probe: a precompiled UNet saved, then loaded and called in a fresh process.
+    probe = re.search(r"precompiled ([\d.]+) after ([\d.]+) s to load", out)
+    assert probe is not None and float(probe.group(1)) > 0, out
