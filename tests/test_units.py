@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
+import numpy as np
 import PIL.Image
 import pytest
 from google.rpc import error_details_pb2
@@ -171,6 +172,27 @@ def test_decode_rejects_oversized_and_garbage() -> None:
     PIL.Image.new("RGB", (4, 4)).save(gif, format="GIF")
     with pytest.raises(InvalidRequest, match="PNG, JPEG or WebP"):
         decode_image(gif.getvalue(), field="image", max_pixels=1000)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "I;16", "P", "1"])
+@pytest.mark.parametrize("level", [0, 1, 3, 6, 9])
+def test_png_output_decodes_to_the_same_pixels(mode: str, level: int) -> None:
+    rng = np.random.default_rng(level)
+    source = PIL.Image.fromarray(rng.integers(0, 256, (24, 40, 4), dtype=np.uint8), "RGBA")
+    image = (
+        source.convert(mode)
+        if mode != "I;16"
+        else PIL.Image.fromarray(rng.integers(0, 65536, (24, 40), dtype=np.uint16))
+    )
+    encoded = encode_image(image, OutputFormat.PNG, png_compress_level=level)
+    with PIL.Image.open(io.BytesIO(encoded.data)) as decoded:
+        assert decoded.format == "PNG" and decoded.size == image.size
+        # Modes PNG stores as they are come back as they were; others as RGB (RGBA where transparent)
+        # with the same colours.
+        converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
+        expected = image if mode not in ("P", "1") else converted
+        assert decoded.mode == expected.mode
+        assert np.array_equal(np.asarray(decoded), np.asarray(expected))
 
 
 def test_encode_and_chunk() -> None:

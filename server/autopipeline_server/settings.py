@@ -228,9 +228,9 @@ class Settings:
     # Where compiled artefacts persist across restarts (TORCHINDUCTOR_CACHE_DIR and one mega-cache
     # file per model); several replicas may share it. Empty = torch's default, per machine.
     compile_cache_dir: str = ""
-    # zlib level for PNG output (Pillow's default is 6). A 512x512 gradient-plus-noise image on a busy
-    # 2-core CPU: level 1 75-87 ms, 3 96-99 ms, 6 139-322 ms, for 9-19% more bytes at 1 than at 6.
-    # Levels 1-3 use zlib's run-length strategy (codecs.RLE_UP_TO_LEVEL): faster and smaller still.
+    # zlib level for PNG output (libpng's default is 6). Levels 1-3 use libpng's fast recipe (codecs.
+    # RLE_UP_TO_LEVEL); 4-9 choose a filter per row for smaller files, several times slower: see
+    # `benchmarks/encoding.py`.
     png_compress_level: int = 1
     # The OpenAI-compatible HTTP door (openai_http.py): None keeps it off; 0 picks a free port.
     http_port: int | None = None
