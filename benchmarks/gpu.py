@@ -807,7 +807,8 @@ def main() -> None:
         type=int,
         default=100,
         help="max batch delay when batching is on: long enough for a batch's clients to come back "
-        "(random weights make noise images, which took 40-90 ms each to encode as PNG on the H100's host)",
+        "(random weights make noise images, which took 40-90 ms each to encode as PNG on the H100's host "
+        "with Pillow; libpng now takes a fraction of that)",
     )
     parser.add_argument(
         "--phases",
