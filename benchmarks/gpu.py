@@ -501,6 +501,8 @@ class One:
     first_event: float
     first_step: float
     image: bytes
+    running: float = 0.0  # the server's own split of the request (Completed.timings)
+    encoding: float = 0.0
 
 
 def _one(stub: pb_grpc.AutoPipelineServiceStub, width: int, height: int, steps: int, seed: int) -> One:
@@ -516,6 +518,7 @@ def _one(stub: pb_grpc.AutoPipelineServiceStub, width: int, height: int, steps: 
     started = time.perf_counter()
     first = first_step = 0.0
     chunks: list[bytes] = []
+    timings = pb.Timings()
     for event in stub.Generate(request):
         now = time.perf_counter() - started
         first = first or now
@@ -523,7 +526,12 @@ def _one(stub: pb_grpc.AutoPipelineServiceStub, width: int, height: int, steps: 
             first_step = now
         if event.HasField("image") and event.image.index == 0:
             chunks.append(event.image.image.data)
-    return One(time.perf_counter() - started, first, first_step, b"".join(chunks))
+        if event.HasField("completed"):
+            timings = event.completed.timings
+    return One(
+        time.perf_counter() - started, first, first_step, b"".join(chunks),
+        timings.running.ToTimedelta().total_seconds(), timings.encoding.ToTimedelta().total_seconds(),
+    )  # fmt: skip
 
 
 def _throughput(
@@ -637,6 +645,8 @@ class Served:
     ttfe: float = 0.0
     first_step: float = 0.0
     off_shape: tuple[float, float | None] | None = None  # the first request at the size, the rest's median
+    running: float = 0.0  # medians of the server's own split of one client's requests
+    encoding: float = 0.0
     throughput: dict[int, float | None] = field(default_factory=dict)
     acceleration: Any = None
     gib: float | None = None
@@ -664,6 +674,8 @@ def served(
         result.p95 = percentile([r.total for r in runs], 0.95)
         result.ttfe = statistics.median(r.first_event for r in runs)
         result.first_step = statistics.median(r.first_step for r in runs)
+        result.running = statistics.median(r.running for r in runs)
+        result.encoding = statistics.median(r.encoding for r in runs)
         if args.off_shape_requests:
             width, height = _off_shape(size)
             off = [_one(stub, width, height, steps, 100 + i).total for i in range(args.off_shape_requests)]
@@ -760,6 +772,7 @@ def served_row(label: str, name: str, result: Served, reference: bytes | None) -
         if acc.mode == "off"
         else "n/a: no eager run",
     )
+    note(f"{name}: medians of the pipeline call {_ms(result.running)} ms, encoding {_ms(result.encoding)} ms")
     if acc.error:
         note(f"acceleration error: {acc.error}")
     if acc.cudagraph_skips:

@@ -48,6 +48,8 @@ def test_the_gpu_benchmark_runs_every_phase_and_probe_on_a_cpu(tmp_path: Path) -
     assert "aten::" in (tmp_path / "sd15-call-path-profile.txt").read_text(), out
     # The undeclared size: the first request and the median of the rest.
     assert re.search(r"\d+\.\d/\d+\.\d", rows["served eager [off]"]), rows["served eager [off]"]
+    # Each served phase splits its p50 into the pipeline call and encoding (the server's own timings).
+    assert len(re.findall(r"medians of the pipeline call [\d.]+ ms, encoding [\d.]+ ms", out)) == 4, out
     # The precompile probe: a precompiled UNet saved, then loaded and called in a fresh process.
     probe = re.search(r"precompiled ([\d.]+) after ([\d.]+) s to load", out)
     assert probe is not None and float(probe.group(1)) > 0, out
