@@ -488,7 +488,8 @@ class InferenceWorker:
             await self._execute(batch)
         finally:
             finished = time.perf_counter()
-            if batch and batch[0].started is not None:  # the call ran (or began to)
+            # The call ran (or began to); only batching reads it, and the key costs a JSON dump.
+            if batch and batch[0].started is not None and self.max_batch_size > 1:
                 self._last_call = (batch[0].batch_key, len(batch), finished)
             for job in batch:
                 job.done = True
