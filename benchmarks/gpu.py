@@ -772,7 +772,10 @@ def served_row(label: str, name: str, result: Served, reference: bytes | None) -
         if acc.mode == "off"
         else "n/a: no eager run",
     )
-    note(f"{name}: medians of the pipeline call {_ms(result.running)} ms, encoding {_ms(result.encoding)} ms")
+    note(
+        f"{label}, {name}: medians of the pipeline call {_ms(result.running)} ms, "
+        f"encoding {_ms(result.encoding)} ms"
+    )
     if acc.error:
         note(f"acceleration error: {acc.error}")
     if acc.cudagraph_skips:

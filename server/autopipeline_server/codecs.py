@@ -167,16 +167,12 @@ def encode_image(
 def _png(image: PIL.Image.Image, level: int) -> bytes:
     if image.mode not in _PNG_MODES:
         image = image.convert("RGBA" if image.has_transparency_data else "RGB")
-    pixels = np.asarray(image)
+    options: dict[str, int] = {}  # levels 4-9: libpng's adaptive filters and default strategy
     if level == 0:  # stored: filtering only costs time
-        return bytes(imagecodecs.png_encode(pixels, level=0, filter=imagecodecs.PNG.FILTER.NONE))
-    if level <= RLE_UP_TO_LEVEL:
-        return bytes(
-            imagecodecs.png_encode(
-                pixels, level=level, strategy=imagecodecs.PNG.STRATEGY.RLE, filter=imagecodecs.PNG.FILTER.SUB
-            )
-        )
-    return bytes(imagecodecs.png_encode(pixels, level=level))
+        options = {"filter": imagecodecs.PNG.FILTER.NONE}
+    elif level <= RLE_UP_TO_LEVEL:
+        options = {"filter": imagecodecs.PNG.FILTER.SUB, "strategy": imagecodecs.PNG.STRATEGY.RLE}
+    return bytes(imagecodecs.png_encode(np.asarray(image), level=level, **options))
 
 
 def chunks(data: bytes, size: int) -> Iterator[bytes]:
