@@ -76,8 +76,10 @@ PHASES = (
     "direct-compiled",
     "call-path",
 )
-# Probes of designs the server does not use yet: run only when named in --phases, after the phases.
-PROBES = ("precompile",)
+# Run only when named in --phases, after the phases: "eager-prepared" serves `--acceleration eager` (the
+# denoiser channels_last with fused QKV, no compiler: compiled servers' path for undeclared sizes);
+# "precompile" probes a design the server does not use yet.
+PROBES = ("eager-prepared", "precompile")
 # Seconds kept back from the budget for stopping a server and printing.
 RESERVE = 15.0
 T = TypeVar("T")
@@ -964,6 +966,11 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
         ),
         "direct-compiled": ("direct compiled", direct_compiled, 90),
         "call-path": ("server call path", served_call_path, 90),
+        "eager-prepared": (
+            "served eager, prepared",
+            serve("served eager, prepared", "--acceleration", "eager"),
+            45,
+        ),
         "precompile": ("precompile probe", precompile, 120),
     }
     for key in (*PHASES, *PROBES):

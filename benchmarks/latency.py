@@ -1,9 +1,11 @@
 """Latency of one small text-to-image request through the server versus the pipeline called directly.
 
 Usage: python benchmarks/latency.py [--family sd15] [--requests 50] [--steps 4] [--size 64]
-Prints median and p95 wall time for both paths, the overhead the server adds (and served/direct),
-and the time from sending a request to its first event (the `queued` event). The two paths'
-calls alternate, so a change in the machine's load during the run weighs on both alike. Then the
+Prints median and p95 wall time of three paths: the pipeline called directly, as loaded; the server
+with its default acceleration (on CPU: the denoiser in channels_last); the server with
+`--acceleration off`, which runs the pipeline as loaded, so against direct it is the server's own
+cost. Then served/direct, that overhead, and the time from sending a request to its first event (the
+`queued` event). The paths' calls rotate, so a change in the machine's load weighs on all alike. Then the
 same messages one served request received are replayed by a bare grpc.aio server that does no
 other work: the transport floor, what any gRPC server in Python pays for this stream here.
 
@@ -200,7 +202,9 @@ def main() -> None:
     if args.replay:
         replay_server(args.replay)
         return
-    timings: dict[str, list[float]] = {"direct": [], "served": []}
+    # "served" runs the server's default acceleration (`auto`: on CPU the denoiser in channels_last);
+    # "served off" the pipeline exactly as loaded, as the direct path runs it: the server's own cost.
+    timings: dict[str, list[float]] = {"direct": [], "served": [], "served off": []}
     first_events: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = build_checkpoint(args.family, Path(tmp) / args.family)
@@ -208,21 +212,29 @@ def main() -> None:
         try:
             with (
                 server_process("--model", f"tiny={checkpoint}") as target,
+                server_process("--model", f"tiny={checkpoint}", "--acceleration", "off") as target_off,
                 grpc.insecure_channel(target) as channel,
+                grpc.insecure_channel(target_off) as channel_off,
             ):
-                stub = pb_grpc.AutoPipelineServiceStub(channel)
-                direct.call(0)  # warms both paths
-                served_call(stub, 0, args.steps, args.size)
-                # Interleaved, alternating which goes first, so the machine's changing load
-                # weighs on both paths alike.
+                stubs = {
+                    "served": pb_grpc.AutoPipelineServiceStub(channel),
+                    "served off": pb_grpc.AutoPipelineServiceStub(channel_off),
+                }
+                direct.call(0)  # warms every path
+                for stub in stubs.values():
+                    served_call(stub, 0, args.steps, args.size)
+                # Interleaved, rotating which goes first, so the machine's changing load weighs on
+                # every path alike.
+                paths = list(timings)
                 for i in range(1, args.requests + 1):
-                    for path in ("direct", "served") if i % 2 else ("served", "direct"):
+                    for path in paths[i % 3 :] + paths[: i % 3]:
                         if path == "direct":
                             timings["direct"].append(direct.call(i))
-                        else:
-                            recorded: list[pb.GenerateResponse] = []
-                            wall, first = served_call(stub, i, args.steps, args.size, recorded)
-                            timings["served"].append(wall)
+                            continue
+                        recorded: list[pb.GenerateResponse] = []
+                        wall, first = served_call(stubs[path], i, args.steps, args.size, recorded)
+                        timings[path].append(wall)
+                        if path == "served":
                             first_events.append(first)
         finally:
             direct.close()
@@ -232,12 +244,16 @@ def main() -> None:
     )
     for name, values in timings.items():
         print(
-            f"  {name:7s} median {statistics.median(values) * 1000:7.1f} ms   "
+            f"  {name:10s} median {statistics.median(values) * 1000:7.1f} ms   "
             f"p95 {percentile(values, 0.95) * 1000:7.1f} ms"
         )
-    overhead = statistics.median(timings["served"]) - statistics.median(timings["direct"])
-    ratio = statistics.median(timings["served"]) / statistics.median(timings["direct"])
-    print(f"  server overhead (median): {overhead * 1000:.1f} ms; served/direct {ratio:.3f}")
+    median = {name: statistics.median(values) for name, values in timings.items()}
+    print(f"  served/direct {median['served'] / median['direct']:.3f} (default acceleration)")
+    print(
+        f"  server overhead, pipeline as loaded (served off - direct): "
+        f"{(median['served off'] - median['direct']) * 1000:.1f} ms; "
+        f"served off/direct {median['served off'] / median['direct']:.3f}"
+    )
     print(
         f"  transport floor: the same {len(recorded)} messages from a bare grpc.aio server that does "
         f"nothing else: median {statistics.median(floor) * 1000:.2f} ms"

@@ -13,6 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention
 from torch._dynamo.utils import counters
 
 from autopipeline.v1 import autopipeline_pb2 as pb
@@ -149,6 +150,24 @@ def test_an_undeclared_shape_runs_eagerly_without_compiling(
     assert np.abs(_pixels(fast) - _pixels(slow)).max() <= PIXEL_TOLERANCE
 
 
+def test_eager_mode_prepares_the_denoiser_and_compiles_nothing(
+    checkpoints: dict[str, Path], cache_dir: Path, eager: LoadedModel
+) -> None:
+    model = _load(checkpoints["sd15"])
+    graphs = counters["stats"]["unique_graphs"]
+    report = accelerate(model, _plan(cache_dir, mode="eager"))
+    unet = model.tasks[Task.TEXT_TO_IMAGE].pipe.unet
+    assert (report.mode, report.error, report.dispatcher, report.compiled_shapes) == ("eager", "", None, [])
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert unet.conv_in.weight.is_contiguous() is False  # really converted, not 1x1-ambiguous
+    attention = [module for module in unet.modules() if isinstance(module, Attention)]
+    assert attention and all(module.fused_projections for module in attention)
+    images = run_call(prepare_call(model, _request(2)), QuietHooks())
+    assert counters["stats"]["unique_graphs"] == graphs
+    as_loaded = run_call(prepare_call(eager, _request(2)), QuietHooks())
+    assert np.abs(_pixels(images) - _pixels(as_loaded)).max() <= PIXEL_TOLERANCE
+
+
 def test_a_smaller_batch_runs_padded_in_a_compiled_graph_with_eager_images(
     compiled: LoadedModel, eager: LoadedModel
 ) -> None:
@@ -199,6 +218,11 @@ def test_inspect_reports_the_mode_and_compiled_shapes(compiled: LoadedModel, eag
     entry = dataclasses.replace(entry, model=eager)
     off = convert.model_info(entry, default_model="sd15", device="cpu", dtype="float32").acceleration
     assert (off.mode, len(off.compiled_shapes), off.compiled_calls) == ("off", 0, 0)
+    eager_mode = _load(Path(compiled.spec.source))
+    accelerate(eager_mode, dataclasses.replace(_plan(Path()), requested="auto", mode="eager"))
+    entry = dataclasses.replace(entry, model=eager_mode)
+    prepared = convert.model_info(entry, default_model="sd15", device="cpu", dtype="float32").acceleration
+    assert (prepared.requested, prepared.mode, len(prepared.compiled_shapes)) == ("auto", "eager", 0)
 
 
 def test_the_cache_dir_holds_artifacts_and_a_second_load_hits_them(
@@ -239,8 +263,14 @@ def test_settings_parse_acceleration_and_hot_shapes(tmp_path: Path) -> None:
         dataclasses.replace(settings, max_batch_size=8), torch.device("cpu")
     )
     assert plan.batch_sizes(None) == [1, 8] and plan.batch_sizes(4) == [4]
-    auto = AccelerationPlan.from_settings(Settings(), torch.device("cpu"))
-    assert (auto.requested, auto.mode) == ("auto", "off")
+    auto = {
+        kind: AccelerationPlan.from_settings(Settings(), torch.device(kind)) for kind in ("cpu", "cuda", "meta")
+    }
+    assert {kind: (plan.requested, plan.mode, plan.compile_mode) for kind, plan in auto.items()} == {
+        "cpu": ("auto", "eager", None),
+        "cuda": ("auto", "compile", "reduce-overhead"),
+        "meta": ("auto", "off", None),
+    }
     for bad in ({"compile_shapes": "512"}, {"compile_shapes": "0x512"}, {"acceleration": "fast"},
                 {"png_compress_level": 10}, {"compile_shapes": "4096x512"}):  # fmt: skip
         with pytest.raises(ConfigError):

@@ -10,7 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every phase, and the probes, which run only when named.
-PHASES = "direct,eager,compiled-cold,compiled-warm,eager-batching,direct-compiled,call-path,precompile"
+PHASES = (
+    "direct,eager,compiled-cold,compiled-warm,eager-batching,direct-compiled,call-path,eager-prepared,precompile"
+)
 
 
 def test_the_gpu_benchmark_runs_every_phase_and_probe_on_a_cpu(tmp_path: Path) -> None:
@@ -35,9 +37,14 @@ def test_the_gpu_benchmark_runs_every_phase_and_probe_on_a_cpu(tmp_path: Path) -
         "served eager, batching [off]",
         "served compiled, cold cache [compile]",
         "served compiled, warm cache [compile]",
+        "served eager, prepared [eager]",
     }, out
-    for name in ("served compiled, cold cache [compile]", "served compiled, warm cache [compile]"):
-        # Compiled images match eager ones (float32 on a CPU: at most one 8-bit level apart).
+    for name in (
+        "served compiled, cold cache [compile]",
+        "served compiled, warm cache [compile]",
+        "served eager, prepared [eager]",
+    ):
+        # Compiled and prepared images match eager ones (float32 on a CPU: at most one 8-bit level apart).
         difference = re.search(r"max (\d+) mean", rows[name])
         assert difference is not None and int(difference.group(1)) <= 1, rows[name]
     assert re.search(r"hits [1-9]", rows["served compiled, warm cache [compile]"]), out
@@ -49,7 +56,7 @@ def test_the_gpu_benchmark_runs_every_phase_and_probe_on_a_cpu(tmp_path: Path) -
     # The undeclared size: the first request and the median of the rest.
     assert re.search(r"\d+\.\d/\d+\.\d", rows["served eager [off]"]), rows["served eager [off]"]
     # Each served phase splits its p50 into the pipeline call and encoding (the server's own timings).
-    assert len(re.findall(r"medians of the pipeline call [\d.]+ ms, encoding [\d.]+ ms", out)) == 4, out
+    assert len(re.findall(r"medians of the pipeline call [\d.]+ ms, encoding [\d.]+ ms", out)) == 5, out
     # The precompile probe: a precompiled UNet saved, then loaded and called in a fresh process.
     probe = re.search(r"precompiled ([\d.]+) after ([\d.]+) s to load", out)
     assert probe is not None and float(probe.group(1)) > 0, out

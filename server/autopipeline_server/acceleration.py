@@ -1,4 +1,5 @@
-"""Acceleration: a compiled, graph-captured denoiser for declared hot shapes; other shapes run eagerly."""
+"""Acceleration: a prepared (channels_last, fused QKV) denoiser, compiled and graph-captured for declared
+hot shapes where the mode asks for it; other shapes run it eagerly."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ _RECOMPILE_MESSAGE = "Detected recompile"
 # counters["inductor"]["cudagraph_skips"]): such a graph runs compiled but launch-bound, like eager.
 _CUDAGRAPH_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
 
+# What `auto` means per device type, from measurements (README "Performance"): on CUDA eager diffusers
+# is launch-bound and CUDA graphs pay 3.5x; on CPU channels_last alone made the tiny SD 1.5 ~10% faster,
+# while compiling costs seconds per shape at start-up. Other devices keep the pipeline as loaded.
+_AUTO = {"cuda": "compile", "cpu": "eager"}
+
 Shape = tuple[int, ...]
 Signature = tuple[tuple[str, Shape], ...]
 
@@ -53,7 +59,7 @@ class AccelerationPlan:
     """What the operator asked for, resolved for one device."""
 
     requested: str
-    mode: str  # "off" or "compile"
+    mode: str  # "off", "eager" or "compile"
     shapes: tuple[tuple[int, int, int | None], ...]
     max_batch_size: int
     cache_dir: str
@@ -64,14 +70,14 @@ class AccelerationPlan:
     def from_settings(cls, settings: Settings, device: torch.device) -> AccelerationPlan:
         mode = settings.acceleration
         if mode == "auto":
-            mode = "compile" if device.type == "cuda" else "off"
+            mode = _AUTO.get(device.type, "off")
         return cls(
             requested=settings.acceleration,
             mode=mode,
             shapes=settings.hot_shapes,
             max_batch_size=settings.max_batch_size,
             cache_dir=settings.compile_cache_dir,
-            compile_mode="reduce-overhead" if device.type == "cuda" else None,
+            compile_mode="reduce-overhead" if mode == "compile" and device.type == "cuda" else None,
         )
 
     def batch_sizes(self, declared: int | None) -> list[int]:
@@ -531,7 +537,10 @@ def _hot_requests(model: LoadedModel, plan: AccelerationPlan) -> Iterator[tuple[
 
 
 def _prepare_denoiser(module: torch.nn.Module, model: LoadedModel) -> None:
-    """The eager-side speed-ups both paths share: channels_last convolutions and fused QKV projections."""
+    """The speed-ups eager and compiled calls share: channels_last convolutions and fused QKV projections.
+
+    In place, so every task's pipeline (`from_pipe` shares the module) and every later call sees them.
+    """
     module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     fuse = getattr(module, "fuse_qkv_projections", None)
     if getattr(module, "peft_config", None):
@@ -545,7 +554,8 @@ def _prepare_denoiser(module: torch.nn.Module, model: LoadedModel) -> None:
 
 
 def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport:
-    """Applies the plan to a loaded model and compiles every declared shape; runs on the device thread.
+    """Applies the plan to a loaded model: prepares its denoiser ("eager" and "compile") and compiles
+    every declared shape ("compile"); runs on the device thread, before the model's warm-up.
 
     Returns (and attaches to the model) the report Inspect shows. A failure to compile leaves the
     model serving eagerly, with the error in the report, rather than failing the model.
@@ -560,7 +570,14 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
         return report
     module = denoiser_of(model)
     if module is None:
-        report.mode, report.error = "off", "the pipeline has no unet or transformer to compile"
+        report.mode, report.error = "off", "the pipeline has no unet or transformer to accelerate"
+        return report
+    _prepare_denoiser(module, model)
+    # Before anything runs or compiles: pinning sets `__signature__` on the attention processors'
+    # `__call__` (the fused projections swapped in new ones), which dynamo traces; no guard may see it
+    # change after its graph was built.
+    pin_signatures(model)
+    if plan.mode == "eager":
         return report
     cache_file = megacache_path(model, plan)
     report.cache_loaded = _load_megacache(cache_file)
@@ -576,10 +593,6 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     torch._dynamo.config.accumulated_recompile_limit = max(
         torch._dynamo.config.accumulated_recompile_limit, torch._dynamo.config.recompile_limit
     )
-    _prepare_denoiser(module, model)
-    # Before anything compiles: pinning sets `__signature__` on the attention processors' `__call__`,
-    # which dynamo traces (`inspect.signature`); no guard may see it change after its graph was built.
-    pin_signatures(model)
     dispatcher = DenoiserDispatcher(module, compile_mode=plan.compile_mode)
     module.forward = dispatcher
     report.dispatcher = dispatcher
@@ -599,7 +612,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
         log.exception("%s: compiling failed; serving eagerly", model.spec.name)
         dispatcher.ready.clear()
         report.compiled_shapes.clear()
-        report.mode, report.error = "off", f"compiling failed: {type(err).__name__}: {err}"
+        report.mode, report.error = "eager", f"compiling failed: {type(err).__name__}: {err}"
         return report
     finally:
         report.compile_seconds = time.perf_counter() - started

@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--acceleration",
         choices=ACCELERATIONS,
-        help="off: eager; compile: compiled, CUDA-graph-captured denoiser for the --compile-shapes; "
-        "auto (default): compile on CUDA, off elsewhere",
+        help="off: diffusers as loaded; eager: the denoiser channels_last with fused QKV projections, no "
+        "compiler; compile: that, compiled and CUDA-graph-captured for the --compile-shapes; "
+        "auto (default): compile on CUDA, eager on CPU, off elsewhere",
     )
     serve.add_argument(
         "--compile-shapes",

@@ -76,10 +76,11 @@ def place_on_device(model: LoadedModel, device: torch.device, plan: Acceleration
     # the processors its fused QKV projections swap in.
     skip_hook_walks(model)
     pin_signatures(model)
+    # Prepares the denoiser and compiles (and captures) the declared shapes before the model is READY;
+    # the warm-up then initialises what the first request would otherwise pay for on the prepared model.
+    accelerate(model, plan)
     if warm:
         warm_up(model)
-    # Compiles (and captures) the declared shapes before the model is READY.
-    accelerate(model, plan)
 
 
 def allowed_source(name: str, patterns: tuple[str, ...]) -> str | None:

@@ -20,8 +20,9 @@ ENV_PREFIX = "AUTOPIPELINE_"
 OPTIONAL_PORTS = ("http_port", "metrics_port")
 DEVICES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-# How the denoiser runs: eagerly, or compiled and graph-captured for declared shapes (acceleration.py).
-ACCELERATIONS = ("auto", "off", "compile")
+# How the denoiser runs: as loaded, prepared and eager, or also compiled and graph-captured for
+# declared shapes (acceleration.py).
+ACCELERATIONS = ("auto", "off", "eager", "compile")
 _HOT_SHAPE = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
 # A hub repository id ("org/name"); anything else that is not a directory is no source.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -220,7 +221,8 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
-    # Acceleration (see acceleration.py and the README's "Performance"): auto = compile on CUDA, else off.
+    # Acceleration (see acceleration.py and the README's "Performance"): auto = compile on CUDA, eager on
+    # CPU, off elsewhere.
     acceleration: str = "auto"
     # Hot shapes compiled during warm-up: "WxH" (batch sizes 1 and max_batch_size) or "WxHxB";
     # empty = each model's default size. Any other shape runs eagerly.

@@ -1477,8 +1477,9 @@ Global___ParameterInfo: _TypeAlias = ParameterInfo  # noqa: Y015
 
 @_typing.final
 class Acceleration(_message.Message):
-    """How a model's denoiser runs (see the README's "Performance"): eagerly, or compiled and, on CUDA,
-    captured as CUDA graphs for the declared shapes, with every other shape running eagerly.
+    """How a model's denoiser runs (see the README's "Performance"): as loaded, prepared (channels_last,
+    fused QKV projections) and eager, or prepared and compiled and, on CUDA, captured as CUDA graphs for
+    the declared shapes, with every other shape running eagerly.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1499,9 +1500,11 @@ class Acceleration(_message.Message):
     CUDAGRAPH_SKIP_REASON_FIELD_NUMBER: _builtins.int
     PADDED_CALLS_FIELD_NUMBER: _builtins.int
     requested: _builtins.str
-    """The mode the operator asked for: "auto", "off" or "compile"."""
+    """The mode the operator asked for: "auto", "off", "eager" or "compile"."""
     mode: _builtins.str
-    """The mode in force: "off" (eager) or "compile"."""
+    """The mode in force: "off" (the pipeline as loaded), "eager" (the denoiser
+    prepared, no compiler) or "compile".
+    """
     cache_loaded: _builtins.bool
     """Whether a compile cache file for this model, torch version and device was found and loaded."""
     cache_hits: _builtins.int
