@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import threading
 import types
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from diffusers.models.attention_processor import Attention
 from torch._dynamo.utils import counters
 
 from autopipeline.v1 import autopipeline_pb2 as pb
-from autopipeline_server import convert
+from autopipeline_server import acceleration, convert
 from autopipeline_server.acceleration import (
     MEGACACHE_FOLDER,
     AccelerationPlan,
@@ -28,6 +29,7 @@ from autopipeline_server.acceleration import (
     _StanceGate,
     accelerate,
     configure_cache,
+    prepare_compiler,
 )
 from autopipeline_server.calls import QuietHooks, run_batch, run_call
 from autopipeline_server.domain import GenerationRequest, ModelState, Task
@@ -168,6 +170,19 @@ def test_eager_mode_prepares_the_denoiser_and_compiles_nothing(
     assert np.abs(_pixels(images) - _pixels(as_loaded)).max() <= PIXEL_TOLERANCE
 
 
+def test_the_compiler_is_prepared_once_a_process_and_only_for_compile(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(acceleration, "_compiler_ready", set())  # as in a fresh process
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger=acceleration.__name__):
+        for mode in ("off", "eager", "compile", "compile"):
+            prepare_compiler(cpu, _plan(cache_dir, mode=mode))
+    ready = [r.getMessage() for r in caplog.records if "torch.compile ready" in r.getMessage()]
+    assert len(ready) == 1 and ready[0].startswith("torch.compile ready on cpu"), caplog.text
+    assert "failed" not in caplog.text
+
+
 def test_a_smaller_batch_runs_padded_in_a_compiled_graph_with_eager_images(
     compiled: LoadedModel, eager: LoadedModel
 ) -> None:
@@ -263,9 +278,8 @@ def test_settings_parse_acceleration_and_hot_shapes(tmp_path: Path) -> None:
         dataclasses.replace(settings, max_batch_size=8), torch.device("cpu")
     )
     assert plan.batch_sizes(None) == [1, 8] and plan.batch_sizes(4) == [4]
-    auto = {
-        kind: AccelerationPlan.from_settings(Settings(), torch.device(kind)) for kind in ("cpu", "cuda", "meta")
-    }
+    kinds = ("cpu", "cuda", "meta")
+    auto = {kind: AccelerationPlan.from_settings(Settings(), torch.device(kind)) for kind in kinds}
     assert {kind: (plan.requested, plan.mode, plan.compile_mode) for kind, plan in auto.items()} == {
         "cpu": ("auto", "eager", None),
         "cuda": ("auto", "compile", "reduce-overhead"),

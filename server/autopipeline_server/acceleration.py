@@ -96,6 +96,38 @@ def configure_cache(cache_dir: str) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
 
 
+_compiler_ready: set[str] = set()  # device types `prepare_compiler` has run on in this process
+_compiler_lock = threading.Lock()
+
+
+def _scale_and_shift(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
+
+
+def prepare_compiler(device: torch.device, plan: AccelerationPlan) -> None:
+    """Pays torch.compile's once-a-process costs on a trivial function; runs on the device thread.
+
+    The first compile in a process imports dynamo, AOTAutograd and Inductor and starts their caches
+    (and on CUDA, Triton): about 2 s on a 2-core CPU before any model code is traced. The registry
+    runs this while the checkpoint is read, so a start-up pays it alongside the load instead of after
+    it. Inductor's default mode: CUDA graph trees are left to the denoiser's own graphs.
+    """
+    if plan.mode != "compile":
+        return
+    with _compiler_lock:
+        if device.type in _compiler_ready:
+            return
+        _compiler_ready.add(device.type)
+    started = time.perf_counter()
+    try:
+        with _GATE.compiling(), torch.inference_mode():
+            torch.compile(_scale_and_shift, fullgraph=True, dynamic=False)(torch.ones(8, device=device))
+    except Exception:  # the first real compile pays instead, and says why if it fails too
+        log.warning("preparing torch.compile on %s failed", device, exc_info=True)
+        return
+    log.info("torch.compile ready on %s in %.1fs", device, time.perf_counter() - started)
+
+
 @dataclass(frozen=True)
 class CompiledShape:
     """A denoiser input shape compiled (and on CUDA captured) during warm-up, and the request it serves."""

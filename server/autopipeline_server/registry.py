@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from autopipeline_server.acceleration import AccelerationPlan, accelerate
+from autopipeline_server.acceleration import AccelerationPlan, accelerate, prepare_compiler
 from autopipeline_server.adapters import load_adapters
 from autopipeline_server.calls import warm_up
 from autopipeline_server.domain import ModelState
@@ -294,8 +294,19 @@ class ModelRegistry:
             load_adapters(model, prepare_hotswap=plan.mode == "compile")
             return model
 
+        loop = asyncio.get_running_loop()
+        # torch.compile's first-use costs, on the device thread while the loader reads the checkpoint.
+        compiler = (
+            loop.create_task(self._worker.run_on_device(prepare_compiler, device, plan))
+            if plan.mode == "compile"
+            else None
+        )
         try:
-            model = await asyncio.get_running_loop().run_in_executor(self._loader, read)
+            try:
+                model = await loop.run_in_executor(self._loader, read)
+            finally:
+                if compiler is not None:
+                    await compiler  # never raises: a failure leaves the cost to the first compile
             await self._worker.run_on_device(place, model)
         except ServingError as err:
             log.error("model %s cannot serve: %s", entry.spec.name, err.message)
