@@ -294,19 +294,13 @@ class ModelRegistry:
             load_adapters(model, prepare_hotswap=plan.mode == "compile")
             return model
 
-        loop = asyncio.get_running_loop()
-        # torch.compile's first-use costs, on the device thread while the loader reads the checkpoint.
-        compiler = (
-            loop.create_task(self._worker.run_on_device(prepare_compiler, device, plan))
-            if plan.mode == "compile"
-            else None
-        )
         try:
-            try:
-                model = await loop.run_in_executor(self._loader, read)
-            finally:
-                if compiler is not None:
-                    await compiler  # never raises: a failure leaves the cost to the first compile
+            # The device thread pays torch.compile's first-use costs while the loader reads the checkpoint
+            # (`prepare_compiler` returns at once unless it is needed, and never raises).
+            model, _ = await asyncio.gather(
+                asyncio.get_running_loop().run_in_executor(self._loader, read),
+                self._worker.run_on_device(prepare_compiler, device, plan),
+            )
             await self._worker.run_on_device(place, model)
         except ServingError as err:
             log.error("model %s cannot serve: %s", entry.spec.name, err.message)
