@@ -16,7 +16,12 @@ from autopipeline_server import adapters, controlnet
 from autopipeline_server.domain import GenerationRequest, Task
 from autopipeline_server.errors import OutOfMemory
 from autopipeline_server.pipelines import LoadedModel, TaskPipeline
-from autopipeline_server.prepare import PER_MEMBER_ARGUMENTS, PreparedCall, prepare_with_inputs
+from autopipeline_server.prepare import (
+    INPUT_ARGUMENTS,
+    PER_MEMBER_ARGUMENTS,
+    PreparedCall,
+    prepare_with_inputs,
+)
 from autopipeline_server.previews import Previewer, latent_hook
 
 log = logging.getLogger(__name__)
@@ -200,6 +205,18 @@ def _batched_kwargs(calls: Sequence[PreparedCall]) -> dict[str, Any]:
     return kwargs
 
 
+def _per_image(call: PreparedCall) -> bool:
+    """Whether a call for several images from one input image passes each image its own copy.
+
+    Several pipelines encode an input image once per generator, `image[i : i + 1]` for each, and
+    break when one image serves several (SD 3's image-to-image: "cannot reshape tensor of 0
+    elements"; Kandinsky 2.1's: "Unexpected latents shape"). Every pipeline takes the form a batch of
+    requests runs in: a prompt and inputs per image, one image per prompt. A call that cannot be
+    batched (secondary prompts broadcast differently by family) keeps its own form.
+    """
+    return len(call.seeds) > 1 and bool(INPUT_ARGUMENTS & call.kwargs.keys()) and call.batch_key() is not None
+
+
 def release_memory() -> None:
     """Returns what a failed call held to the device, so the next call starts from a clean slate."""
     gc.collect()
@@ -211,14 +228,15 @@ def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list
     """Runs one pipeline call for compatible prepared calls (see `PreparedCall.batch_key`).
 
     Runs on the device thread. Returns each call's images in seed order. A single call is passed
-    to the pipeline exactly as prepared. Each call gets its own scheduler instance, so no state
+    to the pipeline as prepared, unless it asks for several images from an input image (see
+    `_per_image`). Each call gets its own scheduler instance, so no state
     leaks between calls through the scheduler `from_pipe` shares between task pipelines.
     """
     first = calls[0]
     target = first.target
     pipe = target.pipe
     if len(calls) == 1:
-        kwargs = dict(first.kwargs)
+        kwargs = _batched_kwargs(calls) if _per_image(first) else dict(first.kwargs)
         call_hooks: CallHooks = hooks[0]
     else:
         kwargs = _batched_kwargs(calls)
