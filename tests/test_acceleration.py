@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import logging
 import threading
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -23,9 +25,11 @@ from autopipeline_server.acceleration import (
     MEGACACHE_FOLDER,
     AccelerationPlan,
     AccelerationReport,
+    DenoiserDispatcher,
     Signature,
     _Padding,
     _padding,
+    _signature,
     _StanceGate,
     accelerate,
     configure_cache,
@@ -41,14 +45,15 @@ from autopipeline_server.settings import ConfigError, ModelSpec, Settings, load_
 # float32 on CPU: inductor's fused kernels reorder sums, and fused QKV / channels_last change the
 # order again, so latents differ by ~1e-6; after rounding to 8-bit pixels at most one level moves.
 PIXEL_TOLERANCE = 1
-DECLARED = (64, 64, 2)  # the tiny model's default size, two images per call (denoiser batch 4 with CFG)
+# The tiny model's default size at two and three images per call (denoiser batches 4 and 6 with CFG).
+DECLARED = ((64, 64, 2), (64, 64, 3))
 
 
 def _plan(cache_dir: Path, mode: str = "compile") -> AccelerationPlan:
     return AccelerationPlan(
         requested=mode,
         mode=mode,
-        shapes=(DECLARED,),
+        shapes=DECLARED,
         max_batch_size=2,
         cache_dir=str(cache_dir),
         compile_mode=None,
@@ -228,7 +233,10 @@ def test_inspect_reports_the_mode_and_compiled_shapes(compiled: LoadedModel, eag
         for s in acceleration.compiled_shapes
     }
     # One graph serves all three tasks: their denoiser inputs are alike (a 4-channel UNet).
-    assert shapes == {(pb.TASK_TEXT_TO_IMAGE, 64, 64, 2, (4, 4, 8, 8))}
+    assert shapes == {
+        (pb.TASK_TEXT_TO_IMAGE, 64, 64, 2, (4, 4, 8, 8)),
+        (pb.TASK_TEXT_TO_IMAGE, 64, 64, 3, (6, 4, 8, 8)),
+    }
     assert acceleration.compiled_calls >= 3 and acceleration.eager_fallbacks == 0
     entry = dataclasses.replace(entry, model=eager)
     off = convert.model_info(entry, default_model="sd15", device="cpu", dtype="float32").acceleration
@@ -394,3 +402,84 @@ def test_padding_fits_a_batch_in_a_graph_up_to_twice_as_large_and_pads_only_batc
     assert kwargs["cond"]["embeds"].shape == (8, 6) and kwargs["ids"] is ids
     trimmed = padding.trim((args[0] * 2, ids))
     assert torch.equal(trimmed[0], sample * 2) and trimmed[1] is ids
+
+
+def test_tensors_in_lists_and_tuples_are_in_the_signature_and_padded() -> None:
+    """ControlNet residuals come as a tuple and Z-Image's latents as a list: their shapes tell graphs
+    apart like any other input's, and a padded batch pads them too."""
+
+    def inputs(batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        residuals = (torch.ones(batch, 8, 8, 8), torch.ones(batch, 16, 4, 4))
+        return (torch.zeros(batch, 4, 8, 8), torch.tensor(1.0)), {"down": residuals, "ids": [torch.zeros(3)]}
+
+    args, kwargs = inputs(2)
+    signature = _signature(args, kwargs)
+    assert signature == (
+        ("0", (2, 4, 8, 8)),
+        ("1", ()),
+        ("down[0]", (2, 8, 8, 8)),
+        ("down[1]", (2, 16, 4, 4)),
+        ("ids[0]", (3,)),
+    )
+    padding = _padding(signature, _signature(*inputs(4)))
+    assert padding == _Padding(2, 4, frozenset({"0", "down[0]", "down[1]"}))
+    args, kwargs = padding.pad(args, kwargs)
+    assert isinstance(kwargs["down"], tuple) and [t.shape[0] for t in kwargs["down"]] == [4, 4]
+    assert isinstance(kwargs["ids"], list) and kwargs["ids"][0].shape == (3,)
+
+
+class _LazyTable(torch.nn.Module):
+    """Fills a table on its first call under a `torch.device` context, as Z-Image's rotary embedding
+    does: dynamo cannot trace that context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table: torch.Tensor | None = None
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            with torch.device("cpu"):
+                self.table = torch.arange(4.0)
+        return sample * self.table.sum() + timestep
+
+
+def test_a_denoiser_filling_a_lazy_cache_on_its_first_call_compiles() -> None:
+    dispatcher = DenoiserDispatcher(_LazyTable(), compile_mode=None)
+    sample = torch.ones(2, 4, 8, 8)
+    with dispatcher.warming(Task.TEXT_TO_IMAGE):
+        warmed = dispatcher(sample, torch.tensor(1.0))
+    assert len(dispatcher.ready) == 1 and torch.equal(warmed, sample * 6 + 1)
+    assert torch.equal(dispatcher(sample, torch.tensor(2.0)), sample * 6 + 2)
+    assert (dispatcher.compiled_calls, dispatcher.eager_calls, dispatcher.eager_fallbacks) == (1, 0, 0)
+
+
+_CHANGED: dict[str, int] = {}  # a dict that exists before the trace, which the traced code changes
+
+
+class _Processor:
+    def __call__(
+        self, attn: torch.nn.Module, hidden_states: torch.Tensor, scale: float = 1.0
+    ) -> torch.Tensor:
+        return hidden_states * scale
+
+
+class _Block(torch.nn.Module):
+    """Changes a dict, then asks for its processor's signature, as diffusers' `Attention.forward` does
+    after Flux's and Qwen-Image's forwards have changed dicts of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processor = _Processor()
+
+    def forward(self, hidden_states: torch.Tensor, options: dict[str, float]) -> torch.Tensor:
+        _CHANGED["calls"] = _CHANGED.get("calls", 0) + 1
+        names = set(inspect.signature(self.processor.__call__).parameters.keys())
+        return self.processor(self, hidden_states, **{k: v for k, v in options.items() if k in names})
+
+
+def test_pinned_signatures_do_not_stop_a_full_graph_trace() -> None:
+    block = _Block()
+    pin_signatures(types.SimpleNamespace(base=types.SimpleNamespace(components={"unet": block}), tasks={}))  # type: ignore[arg-type]
+    assert "__signature__" in _Processor.__call__.__dict__
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.ones(3), {"scale": 3.0, "other": 1.0}), torch.full((3,), 3.0))

@@ -179,7 +179,8 @@ class AccelerationReport:
 
 
 def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Signature:
-    """The shapes of every tensor argument (by position or name, nested dicts included)."""
+    """The shapes of every tensor argument (by position or name, in nested dicts, lists and tuples too:
+    ControlNet residuals come as a tuple, Z-Image's latents and prompts as lists of per-sample tensors)."""
     parts: list[tuple[str, Shape]] = []
 
     def add(name: str, value: Any) -> None:
@@ -188,6 +189,9 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Signature:
         elif isinstance(value, dict):
             for key in sorted(value):
                 add(f"{name}.{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                add(f"{name}[{index}]", item)
 
     for index, value in enumerate(args):
         add(str(index), value)
@@ -218,6 +222,8 @@ class _Padding:
                 return torch.cat([value, value[:1].expand(self.to - self.batch, *value.shape[1:])])
             if isinstance(value, dict):
                 return {key: padded(f"{name}.{key}", item) for key, item in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(padded(f"{name}[{index}]", item) for index, item in enumerate(value))
             return value
 
         return (
@@ -339,6 +345,7 @@ class DenoiserDispatcher:
         self._paddings: dict[Signature, _Padding | None] = {}
         self._warming: Task | None = None
         self._eager = False
+        self._primed = False
 
     @contextlib.contextmanager
     def warming(self, task: Task) -> Iterator[None]:
@@ -364,12 +371,18 @@ class DenoiserDispatcher:
         args, kwargs = _normalise_inputs(args, kwargs)
         signature = _signature(args, kwargs)
         if self._warming is not None:
+            if not self._primed:
+                # Some denoisers fill lazy caches on their first call, in code dynamo cannot trace
+                # (Z-Image computes its rotary tables under a `torch.device` context): one eager call
+                # fills them before the first trace, at the cost of one step at start-up.
+                self.eager_forward(*args, **kwargs)
+                self._primed = True
             with _GATE.compiling():
                 result = self._compiled(args, kwargs)
             self.ready.setdefault(signature, self._warming)
             self._paddings.clear()
             return result
-        padding = None if signature in self.ready else self._padding(signature, args, kwargs)
+        padding = None if signature in self.ready else self._padding(signature)
         if signature in self.ready or padding is not None:
             with _GATE.hot() as admitted:
                 if admitted:
@@ -390,17 +403,12 @@ class DenoiserDispatcher:
         self.eager_calls += 1
         return self.eager_forward(*args, **kwargs)
 
-    def _padding(
-        self, signature: Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> _Padding | None:
+    def _padding(self, signature: Signature) -> _Padding | None:
         """How a batch no graph was compiled for runs padded in the smallest one that fits, if any."""
         if signature not in self._paddings:
             fits = [p for p in (_padding(signature, ready) for ready in self.ready) if p is not None]
             self._paddings[signature] = min(fits, key=lambda p: p.to) if fits else None
-        padding = self._paddings[signature]
-        if padding is not None and _unseen_tensors(args, kwargs):
-            return None  # tensors in lists (ControlNet residuals) are not in the signature: not padded
-        return padding
+        return self._paddings[signature]
 
     def _compiled(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self._cuda_graphs:
@@ -409,14 +417,6 @@ class DenoiserDispatcher:
         # PNDM keep past outputs: mark each call a new step and hand out copies.
         torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         return tree_map_only(torch.Tensor, torch.clone, self.compiled_forward(*args, **kwargs))
-
-
-def _unseen_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether tensors hide in lists or tuples, where `_signature` does not look."""
-    return any(
-        isinstance(value, (list, tuple)) and any(isinstance(item, torch.Tensor) for item in value)
-        for value in (*args, *kwargs.values())
-    )
 
 
 def _normalise_inputs(

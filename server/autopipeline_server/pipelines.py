@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -562,9 +563,25 @@ def pin_signatures(model: LoadedModel) -> None:
     for function in functions:
         if inspect.isfunction(function) and "__signature__" not in function.__dict__:
             try:
-                function.__signature__ = inspect.signature(function)  # type: ignore[attr-defined]
+                function.__signature__ = _traceable(inspect.signature(function))  # type: ignore[attr-defined]
             except (ValueError, TypeError):  # one inspect cannot derive: left as it is
                 continue
+
+
+def _traceable(signature: inspect.Signature) -> inspect.Signature:
+    """The signature with its parameters in a plain dict instead of the read-only view inspect keeps.
+
+    A compiled denoiser's graph includes `Attention.forward`'s `inspect.signature` call, so dynamo
+    traces it into the pinned signature. Dynamo refuses to read an existing `mappingproxy` once the
+    traced code has changed any dict (it cannot tell which dict the view shows), and Flux's and
+    Qwen-Image's forwards do (diffusers' LoRA-scale wrapper pops from the attention kwargs): with
+    the view, their compile failed. Nothing writes to a signature's parameters (the signatures
+    `inspect` derives from this one, for bound methods, get views of their own). Left as it is where
+    the class has no such slot to set.
+    """
+    with contextlib.suppress(AttributeError, TypeError):
+        object.__setattr__(signature, "_parameters", dict(signature.parameters))
+    return signature
 
 
 # Marks a component module that holds no diffusers hooks (see `skip_hook_walks`).
