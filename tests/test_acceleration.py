@@ -143,6 +143,23 @@ def test_compiled_images_equal_eager_images_at_a_declared_shape(
     assert np.abs(_pixels(fast) - _pixels(slow)).max() <= PIXEL_TOLERANCE
 
 
+def test_declared_batch_sizes_of_one_size_share_one_traced_graph(
+    compiled: LoadedModel, eager: LoadedModel
+) -> None:
+    """Dynamo traced the declared size once for both batch sizes (a trace per start saved, and a
+    compile on an empty cache), and each batch size runs compiled, unpadded, with eager's images."""
+    report = _report(compiled)
+    assert report.graphs == 1 and len(report.compiled_shapes) == 2
+    padded = report.padded_calls
+    for images in (2, 3):
+        with _Watch(compiled) as watch:
+            fast = run_call(prepare_call(compiled, _request(images)), QuietHooks())
+        slow = run_call(prepare_call(eager, _request(images)), QuietHooks())
+        assert (watch.compiled, watch.eager, watch.fallbacks, watch.graphs) == (4, 0, 0, 0)
+        assert np.abs(_pixels(fast) - _pixels(slow)).max() <= PIXEL_TOLERANCE
+    assert report.padded_calls == padded
+
+
 def test_an_undeclared_shape_runs_eagerly_without_compiling(
     compiled: LoadedModel, eager: LoadedModel
 ) -> None:
@@ -426,6 +443,9 @@ def test_tensors_in_lists_and_tuples_are_in_the_signature_and_padded() -> None:
     args, kwargs = padding.pad(args, kwargs)
     assert isinstance(kwargs["down"], tuple) and [t.shape[0] for t in kwargs["down"]] == [4, 4]
     assert isinstance(kwargs["ids"], list) and kwargs["ids"][0].shape == (3,)
+    # Latents as a list of samples (Z-Image) are reported as the samples' count and shape.
+    listed = _signature(([torch.zeros(16, 1, 8, 8)] * 2, torch.tensor(1.0)), {})
+    assert acceleration._sample_shape(listed) == (2, 16, 1, 8, 8)
 
 
 class _LazyTable(torch.nn.Module):

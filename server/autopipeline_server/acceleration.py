@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import PIL.Image
 import torch
 from torch._dynamo.utils import counters
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from autopipeline_server.controlnet import warm_up_image
 from autopipeline_server.domain import GenerationRequest, Task
@@ -154,6 +154,7 @@ class AccelerationReport:
     # and Inductor's reason for the first (where it gives one).
     cudagraph_skips: int = 0
     cudagraph_skip_reason: str = ""
+    graphs: int = 0  # dynamo graphs traced during warm-up: batch sizes of one size share one
     error: str = ""
     dispatcher: DenoiserDispatcher | None = None
 
@@ -201,8 +202,14 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Signature:
 
 
 def _sample_shape(signature: Signature) -> Shape:
+    """The latents' shape; for latents passed as a list of per-sample tensors (Z-Image), the list's
+    length followed by the first sample's shape."""
     named = dict(signature)
-    return named.get("0") or named.get("sample") or named.get("hidden_states") or ()
+    shape = named.get("0") or named.get("sample") or named.get("hidden_states")
+    if shape:
+        return shape
+    samples = [shape for name, shape in signature if name.startswith("0[")]
+    return (len(samples), *samples[0]) if samples else ()
 
 
 @dataclass(frozen=True)
@@ -377,6 +384,7 @@ class DenoiserDispatcher:
                 # fills them before the first trace, at the cost of one step at start-up.
                 self.eager_forward(*args, **kwargs)
                 self._primed = True
+            _mark_batch_dynamic(args, kwargs)
             with _GATE.compiling():
                 result = self._compiled(args, kwargs)
             self.ready.setdefault(signature, self._warming)
@@ -417,6 +425,26 @@ class DenoiserDispatcher:
         # PNDM keep past outputs: mark each call a new step and hand out copies.
         torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         return tree_map_only(torch.Tensor, torch.clone, self.compiled_forward(*args, **kwargs))
+
+
+def _mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Lets one graph serve every declared batch size of a shape: dynamo traces it once, not per batch.
+
+    Each trace of a full-size UNet costs seconds of CPU at every start, cache or not (dynamo re-traces
+    before the compile cache can answer), and each graph costs Inductor a compile on an empty cache.
+    So the batch dimension of every input that has it (latents, text embeddings, added conditions,
+    ControlNet residuals) is marked dynamic; height and width stay static, as convolutions want them.
+    The mark is a hint, not a demand: where the model's code fixes the batch (and always at batch 1,
+    which dynamo specialises), dynamo traces a graph for it as before. CUDA graph trees still record
+    one CUDA graph per batch size, during warm-up; only warmed shapes ever reach the compiled path.
+    """
+    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    if not isinstance(sample, torch.Tensor) or sample.dim() == 0 or sample.shape[0] < 2:
+        return
+    batch = sample.shape[0]
+    for value in tree_leaves((args, kwargs)):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
 
 
 def _normalise_inputs(
@@ -616,6 +644,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     report.cache_loaded = _load_megacache(cache_file)
     hits_before = counters["inductor"]["fxgraph_cache_hit"]
     misses_before = counters["inductor"]["fxgraph_cache_miss"]
+    graphs_before = counters["stats"]["unique_graphs"]
     # Each declared shape (per task, where guards differ) is its own graph: allow all of them. The
     # limit counts per code object, and every model of one denoiser class (on every device, and each
     # on-demand load) shares its `forward`'s: each model adds its room to what earlier ones used, or
@@ -651,6 +680,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
         report.compile_seconds = time.perf_counter() - started
         report.cache_hits = counters["inductor"]["fxgraph_cache_hit"] - hits_before
         report.cache_misses = counters["inductor"]["fxgraph_cache_miss"] - misses_before
+        report.graphs = counters["stats"]["unique_graphs"] - graphs_before
     if report.cache_misses or not report.cache_loaded:
         _save_megacache(cache_file)
     if report.cudagraph_skips:
@@ -661,9 +691,11 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
             report.cudagraph_skip_reason or "Inductor gave no reason; TORCH_LOGS=cudagraphs shows more",
         )
     log.info(
-        "%s: compiled %d denoiser shapes for %d requests in %.1fs (%s; cache %s, %d hits, %d misses): %s",
+        "%s: compiled %d denoiser shapes in %d graphs for %d requests in %.1fs (%s; cache %s, %d hits, "
+        "%d misses): %s",
         model.spec.name,
         len(report.compiled_shapes),
+        report.graphs,
         len(requests),
         report.compile_seconds,
         plan.compile_mode or "default mode",
