@@ -144,10 +144,12 @@ def _concurrently(server: ServerThread, *requests: pb.GenerateRequest) -> list[l
 def test_every_task_of_a_controlnet_model_runs_its_controlnet_pipeline(
     stub: pb_grpc.AutoPipelineServiceStub, model: str, task: int
 ) -> None:
-    events = _run(stub, model=model, control_image=CONTROL, **_task_inputs(task))
+    # Two images: a call for several images from one control (and input) image runs per image.
+    events = _run(stub, model=model, control_image=CONTROL, num_images=2, **_task_inputs(task))
     started = _started(events)
     assert started.pipeline_class == CONTROL_TASKS[task]
     assert _pixels(_image(events)).shape == (64, 64, 3)
+    assert sorted({e.image.index for e in events if e.HasField("image")}) == [0, 1]
     assert events[-1].HasField("completed")
 
 
