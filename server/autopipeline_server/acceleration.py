@@ -427,6 +427,11 @@ class DenoiserDispatcher:
         return tree_map_only(torch.Tensor, torch.clone, self.compiled_forward(*args, **kwargs))
 
 
+def _sample(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The denoiser's latents argument: first by position, else by a UNet's or a transformer's name."""
+    return args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+
+
 def _mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Lets one graph serve every declared batch size of a shape: dynamo traces it once, not per batch.
 
@@ -438,7 +443,7 @@ def _mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     which dynamo specialises), dynamo traces a graph for it as before. CUDA graph trees still record
     one CUDA graph per batch size, during warm-up; only warmed shapes ever reach the compiled path.
     """
-    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    sample = _sample(args, kwargs)
     if not isinstance(sample, torch.Tensor) or sample.dim() == 0 or sample.shape[0] < 2:
         return
     batch = sample.shape[0]
@@ -459,7 +464,7 @@ def _normalise_inputs(
       float32, some Python numbers), and every denoiser turns it into float32 for its embedding
       anyway (UNet: `timesteps.float()`), so this changes no result.
     """
-    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    sample = _sample(args, kwargs)
     if isinstance(sample, torch.Tensor) and sample.dim() == 4:
         sample = sample.contiguous(memory_format=torch.channels_last)
         if args:

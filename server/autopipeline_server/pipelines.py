@@ -573,11 +573,11 @@ def _traceable(signature: inspect.Signature) -> inspect.Signature:
 
     A compiled denoiser's graph includes `Attention.forward`'s `inspect.signature` call, so dynamo
     traces it into the pinned signature. Dynamo refuses to read an existing `mappingproxy` once the
-    traced code has changed any dict (it cannot tell which dict the view shows), and Flux's and
-    Qwen-Image's forwards do (diffusers' LoRA-scale wrapper pops from the attention kwargs): with
-    the view, their compile failed. Nothing writes to a signature's parameters (the signatures
-    `inspect` derives from this one, for bound methods, get views of their own). Left as it is where
-    the class has no such slot to set.
+    traced code has changed any dict (it cannot tell which dict the view shows), and by their first
+    attention layer Flux's and Qwen-Image's traced forwards have: with the view, their compile
+    failed ("mapping proxy affected by dictionary mutation"). Nothing writes to a signature's
+    parameters (the signatures `inspect` derives from this one, for bound methods, get views of
+    their own). Left as it is where the class has no such slot to set.
     """
     with contextlib.suppress(AttributeError, TypeError):
         object.__setattr__(signature, "_parameters", dict(signature.parameters))
