@@ -227,6 +227,91 @@ def _tail(log: Path, lines: int = 25) -> str:
     return "\n".join("    | " + line for line in text[-lines:])
 
 
+class Stages:
+    """Where one pipeline call's time goes: each stage's calls, host ms and device ms, and the call's wall.
+
+    Wraps the pipeline's text encoder, denoiser, scheduler step, VAE decode and post-processing (the
+    scheduler on its class: the server gives each call its own instance). Device ms are the GPU
+    timeline's span between CUDA events recorded at each stage's start and end, idle gaps included:
+    span above host time means the GPU bounds the stage, span near host time that launches do.
+    """
+
+    NAMES = ("text_encoder", "denoiser", "scheduler", "vae_decode", "postprocess")
+
+    def __init__(self, pipe: Any, cuda: bool) -> None:
+        self._pipe, self._cuda = pipe, cuda
+        self._host: dict[str, float] = dict.fromkeys(self.NAMES, 0.0)
+        self._calls: dict[str, int] = dict.fromkeys(self.NAMES, 0)
+        self._events: dict[str, list[tuple[Any, Any]]] = {name: [] for name in self.NAMES}
+
+    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        import torch
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            begun = time.perf_counter()
+            if self._cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self._cuda:
+                    end.record()
+                    self._events[name].append((start, end))
+                self._host[name] += time.perf_counter() - begun
+                self._calls[name] += 1
+
+        return timed
+
+    def measure(self, run: Callable[[], float]) -> str:
+        """Runs `run` once with every stage wrapped; returns the breakdown as one line."""
+        import torch
+
+        pipe = self._pipe
+        denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+        scheduler_class = type(pipe.scheduler)
+        targets = [
+            (pipe.text_encoder, "forward", "text_encoder"),
+            (denoiser, "forward", "denoiser"),
+            (pipe.vae, "decode", "vae_decode"),
+            (pipe.image_processor, "postprocess", "postprocess"),
+        ]
+        had = [(obj, attr, attr in vars(obj), getattr(obj, attr)) for obj, attr, _ in targets]
+        step = scheduler_class.step
+        for obj, attr, name in targets:
+            setattr(obj, attr, self._wrap(name, getattr(obj, attr)))
+        scheduler_class.step = self._wrap("scheduler", step)
+        try:
+            wall = run()
+        finally:
+            scheduler_class.step = step
+            for obj, attr, own, value in had:
+                if own:
+                    setattr(obj, attr, value)
+                else:
+                    delattr(obj, attr)
+        if self._cuda:
+            torch.cuda.synchronize()
+        parts = [f"wall {wall * 1000:.1f} ms"]
+        for name in self.NAMES:
+            device = sum(s.elapsed_time(e) for s, e in self._events[name])
+            parts.append(
+                f"{name} x{self._calls[name]} host {self._host[name] * 1000:.1f}"
+                + (f" device {device:.1f}" if self._cuda else "")
+            )
+        parts.append(f"other host {(wall - sum(self._host.values())) * 1000:.1f}")
+        return "; ".join(parts)
+
+
+def _off_shape_calls(
+    pipe: Any, run: Callable[[int, int], float], size: int, count: int, cuda: bool
+) -> dict[str, Any]:
+    """`count` calls at the undeclared size (3/4 of the width), then one more broken down in stages."""
+    width, height = _off_shape(size)
+    times = [run(width, height) for _ in range(count)]
+    return {"times": times, "stages": Stages(pipe, cuda).measure(lambda: run(width, height))}
+
+
 def direct(
     checkpoint: Path, args: argparse.Namespace, size: int, steps: int, log: Path, profile: Path | None = None
 ) -> dict[str, Any]:
@@ -238,7 +323,8 @@ def direct(
     """
     return _in_child(
         f"_direct({str(checkpoint)!r}, {args.device!r}, {size}, {steps}, {args.requests}, {args.batch}, "
-        f"{args.latency_seconds}, {str(profile) if profile else None!r})",
+        f"{args.latency_seconds}, {str(profile) if profile else None!r}, "
+        f"{0 if profile else args.off_shape_requests})",
         log,
     )
 
@@ -252,7 +338,8 @@ def _direct(
     batch: int,
     seconds: float,
     profile: str | None = None,
-) -> dict[str, float]:
+    off_shape: int = 0,
+) -> dict[str, Any]:
     import torch
     from diffusers import AutoPipelineForText2Image
 
@@ -263,9 +350,9 @@ def _direct(
     if profile is not None:
         return _direct_compiled(pipe, cuda, size, steps, requests, seconds, Path(profile))
 
-    def run(n: int) -> float:
+    def run(n: int, width: int = size, height: int = size) -> float:
         started = time.perf_counter()
-        pipe(["a lighthouse"] * n, num_inference_steps=steps, width=size, height=size)
+        pipe(["a lighthouse"] * n, num_inference_steps=steps, width=width, height=height)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - started
@@ -278,13 +365,23 @@ def _direct(
     if cuda:
         free, total = torch.cuda.mem_get_info()
         used = (total - free) / 2**30
-    return {
+    result: dict[str, Any] = {
         "p50": statistics.median(singles),
         "p95": percentile(singles, 0.95),
         "images_per_s_1": len(singles) / sum(singles),
         "ceiling": batch / statistics.median(batched),
         "gib": used,  # the whole device, as nvidia-smi reports it for the served rows
+        "stages": Stages(pipe, cuda).measure(lambda: run(1)),
     }
+    if off_shape:
+        # The undeclared size eagerly as loaded, then with the denoiser prepared as compiled servers
+        # run it there (channels_last, fused QKV): in one process, so only the preparation differs.
+        result["off"] = _off_shape_calls(pipe, lambda w, h: run(1, w, h), size, off_shape, cuda)
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.unet.fuse_qkv_projections()
+        result["prepared"] = statistics.median(run(1) for _ in range(max(3, off_shape)))
+        result["prepared_off"] = _off_shape_calls(pipe, lambda w, h: run(1, w, h), size, off_shape, cuda)
+    return result
 
 
 def _direct_compiled(
@@ -306,7 +403,18 @@ def _direct_compiled(
     started = time.perf_counter()
     for _ in range(3):  # compile, record the CUDA graphs, replay
         run()
-    return _timed_and_profiled(run, requests, seconds, cuda, profile, time.perf_counter() - started)
+    result = _timed_and_profiled(pipe, run, requests, seconds, cuda, profile, time.perf_counter() - started)
+    # Whether compiling the VAE decoder as well would pay: its compile time, then the stages again.
+    pipe.vae.decoder.to(memory_format=torch.channels_last)
+    mode = "reduce-overhead" if cuda else None
+    pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode, fullgraph=True)
+    started = time.perf_counter()
+    for _ in range(3):
+        run()
+    result["vae_compile"] = time.perf_counter() - started
+    result["vae_p50"] = statistics.median(run() for _ in range(max(3, requests)))
+    result["vae_stages"] = Stages(pipe, cuda).measure(run)
+    return result
 
 
 def call_path(
@@ -320,14 +428,21 @@ def call_path(
     """
     return _in_child(
         f"_call_path({str(checkpoint)!r}, {args.device!r}, {size}, {steps}, {args.requests}, "
-        f"{args.latency_seconds}, {str(profile)!r})",
+        f"{args.latency_seconds}, {str(profile)!r}, {args.off_shape_requests})",
         log,
     )
 
 
 def _call_path(
-    checkpoint: str, device: str, size: int, steps: int, requests: int, seconds: float, profile: str
-) -> dict[str, float]:
+    checkpoint: str,
+    device: str,
+    size: int,
+    steps: int,
+    requests: int,
+    seconds: float,
+    profile: str,
+    off_shape: int = 0,
+) -> dict[str, Any]:
     import torch
 
     from autopipeline_server.acceleration import AccelerationPlan
@@ -346,26 +461,38 @@ def _call_path(
     started = time.perf_counter()
     place_on_device(model, where, AccelerationPlan.from_settings(settings, where), warm=True)
     compile_seconds = time.perf_counter() - started
-    request = GenerationRequest(
-        model="m", task=Task.TEXT_TO_IMAGE, prompt="a lighthouse", width=size, height=size,
-        num_inference_steps=steps, seed=0,
-    )  # fmt: skip
+    cuda = where.type == "cuda"
 
-    def run() -> float:
+    def run(width: int = size, height: int = size) -> float:
+        request = GenerationRequest(
+            model="m", task=Task.TEXT_TO_IMAGE, prompt="a lighthouse", width=width, height=height,
+            num_inference_steps=steps, seed=0,
+        )  # fmt: skip
         begun = time.perf_counter()
         run_call(prepare_call(model, request), QuietHooks())  # PIL images back: the GPU is done
         return time.perf_counter() - begun
 
     run()
-    return _timed_and_profiled(run, requests, seconds, where.type == "cuda", Path(profile), compile_seconds)
+    pipe = model.tasks[Task.TEXT_TO_IMAGE].pipe
+    result = _timed_and_profiled(pipe, run, requests, seconds, cuda, Path(profile), compile_seconds)
+    if off_shape:  # the compiled server's eager path, as a request at an undeclared size takes it
+        result["off"] = _off_shape_calls(pipe, run, size, off_shape, cuda)
+    return result
 
 
 def _timed_and_profiled(
-    run: Callable[[], float], requests: int, seconds: float, cuda: bool, table: Path, compile_seconds: float
-) -> dict[str, float]:
+    pipe: Any,
+    run: Callable[[], float],
+    requests: int,
+    seconds: float,
+    cuda: bool,
+    table: Path,
+    compile_seconds: float,
+) -> dict[str, Any]:
     """p50/p95 of a compiled call, then one more call under torch.profiler: its wall time and the
     seconds of kernels it ran (each kernel's self time on the device, summed), which against the
-    wall time say whether the GPU or the host bounds the call. The top operators go to `table`."""
+    wall time say whether the GPU or the host bounds the call. The top operators go to `table`.
+    Then one more call broken down in stages (see `Stages`)."""
     import torch
 
     singles = _repeat(lambda _: run(), requests, seconds)
@@ -383,6 +510,7 @@ def _timed_and_profiled(
         "compile": compile_seconds,
         "profiled_wall": wall,
         "device_busy": sum(event.self_device_time_total for event in averages) / 1e6,
+        "stages": Stages(pipe, cuda).measure(run),
     }
 
 
@@ -691,6 +819,11 @@ def served(
     return result
 
 
+def _off_shape_notes(what: str, off: dict[str, Any]) -> None:
+    note(f"{what}, undeclared size, calls in order: {', '.join(_ms(t) for t in off['times'])} ms")
+    note(f"{what}, undeclared size, one more call in stages: {off['stages']}")
+
+
 def _off_shape(size: int) -> tuple[int, int]:
     """A size no server here declares (so compiled servers run it eagerly): 3/4 of the width."""
     return size * 3 // 4 // 8 * 8, size
@@ -886,6 +1019,12 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
             f"1:{base['images_per_s_1']:.2f} / ceiling {base['ceiling']:.2f} (batch {args.batch})",
             "", _gib(memory.peak or base["gib"] or None), "",
         )  # fmt: skip
+        note(f"{family} direct eager, one call in stages: {base['stages']}")
+        if "off" in base:
+            _off_shape_notes(f"{family} direct eager", base["off"])
+            prepared = _ms(base["prepared"])
+            note(f"{family} direct eager, denoiser prepared (channels_last, fused QKV): p50 {prepared} ms")
+            _off_shape_notes(f"{family} direct eager, denoiser prepared", base["prepared_off"])
 
     def compiled_yardstick(
         key: str, path: str, said: str, measure: Callable[[Path, Path], dict[str, Any]]
@@ -904,6 +1043,14 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
                 f"{family} {said}, one call profiled: {measured['device_busy'] * 1000:.1f} ms of "
                 f"kernels in {measured['profiled_wall'] * 1000:.1f} ms (the top kernels: {table.name})"
             )
+            note(f"{family} {said}, one call in stages: {measured['stages']}")
+            if "vae_compile" in measured:
+                note(
+                    f"{family} {said}, the VAE decoder compiled too ({measured['vae_compile']:.1f} s): "
+                    f"p50 {_ms(measured['vae_p50'])} ms; one call in stages: {measured['vae_stages']}"
+                )
+            if "off" in measured:
+                _off_shape_notes(f"{family} {said}", measured["off"])
 
         return run
 
