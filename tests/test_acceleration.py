@@ -27,6 +27,7 @@ from autopipeline_server.acceleration import (
     AccelerationReport,
     DenoiserDispatcher,
     Signature,
+    _normalise_inputs,
     _Padding,
     _padding,
     _signature,
@@ -34,6 +35,7 @@ from autopipeline_server.acceleration import (
     accelerate,
     configure_cache,
     prepare_compiler,
+    schedule_on_host,
 )
 from autopipeline_server.calls import QuietHooks, run_batch, run_call
 from autopipeline_server.domain import GenerationRequest, ModelState, Task
@@ -181,13 +183,15 @@ def test_eager_mode_prepares_the_denoiser_and_compiles_nothing(
     graphs = counters["stats"]["unique_graphs"]
     report = accelerate(model, _plan(cache_dir, mode="eager"))
     unet = model.tasks[Task.TEXT_TO_IMAGE].pipe.unet
-    assert (report.mode, report.error, report.dispatcher, report.compiled_shapes) == ("eager", "", None, [])
+    assert (report.mode, report.error, report.compiled_shapes) == ("eager", "", [])
+    assert report.dispatcher is not None and not report.dispatcher.ready  # it only normalises inputs
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert unet.conv_in.weight.is_contiguous() is False  # really converted, not 1x1-ambiguous
     attention = [module for module in unet.modules() if isinstance(module, Attention)]
     assert attention and all(module.fused_projections for module in attention)
     images = run_call(prepare_call(model, _request(2)), QuietHooks())
     assert counters["stats"]["unique_graphs"] == graphs
+    assert (report.compiled_calls, report.eager_calls) == (0, 4)  # PNDM: 3 steps, 4 denoiser calls
     as_loaded = run_call(prepare_call(eager, _request(2)), QuietHooks())
     assert np.abs(_pixels(images) - _pixels(as_loaded)).max() <= PIXEL_TOLERANCE
 
@@ -237,6 +241,50 @@ def test_scheduler_batch_composition_and_task_do_not_recompile(compiled: LoadedM
     assert [len(images) for images in results] == [1, 1]
     # Euler: 3 calls; PNDM: 4 calls, twice.
     assert (watch.compiled, watch.eager, watch.fallbacks, watch.graphs) == (11, 0, 0, 0)
+
+
+def test_a_call_keeps_its_schedule_on_the_host_where_a_dispatcher_runs_the_denoiser(
+    compiled: LoadedModel, eager: LoadedModel
+) -> None:
+    """Pipelines ask for the timesteps on the device ("meta" stands in for a GPU here): with a dispatcher
+    they stay on the host, so that the scheduler's reads of them wait for no kernel; without one
+    (acceleration off) the pipeline gets what it asked for, as in diffusers."""
+    target = compiled.tasks[Task.TEXT_TO_IMAGE]
+    schedulers = ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler")
+    # (Euler cannot build its sigmas on "meta": it keeps them on the host anyway.)
+    for model, device, names in ((compiled, "cpu", schedulers), (eager, "meta", schedulers[:2])):
+        for name in names:
+            scheduler = model.new_scheduler(target.schedulers[name])
+            schedule_on_host(model, scheduler)
+            scheduler.set_timesteps(5, device=torch.device("meta"))
+            assert scheduler.timesteps.device.type == device, (name, device)
+            scheduler.set_timesteps(5, "meta")  # by position too
+            assert scheduler.timesteps.device.type == device, (name, device)
+            # Pipelines ask what it takes (diffusers' `retrieve_timesteps`: custom sigmas?).
+            own = inspect.signature(model.new_scheduler(target.schedulers[name]).set_timesteps)
+            assert inspect.signature(scheduler.set_timesteps) == own
+    # Each call's scheduler is its own: the prototype and the next call's are untouched.
+    assert "set_timesteps" not in vars(compiled.new_scheduler(target.schedulers["PNDMScheduler"]))
+
+
+def test_inputs_on_the_host_go_to_the_device_of_the_latents() -> None:
+    """With the schedule on the host the timestep (and what the pipeline derives from it) arrives as a
+    host tensor; the denoiser gets it on its device, as a float32 like every timestep."""
+    sample = torch.empty(2, 4, 8, 8, device="meta")
+    args, kwargs = _normalise_inputs(
+        (sample, torch.tensor(981)),
+        {"encoder_hidden_states": torch.empty(2, 3, 8, device="meta"), "ids": [torch.ones(2)]},
+    )
+    assert args[1].device.type == "meta" and args[1].dtype == torch.float32
+    assert kwargs["ids"][0].device.type == "meta"
+    assert args[0].is_contiguous(memory_format=torch.channels_last)
+    args, kwargs = _normalise_inputs(
+        (), {"hidden_states": torch.empty(2, 16, device="meta"), "timestep": torch.ones(2) / 1000}
+    )
+    assert kwargs["timestep"].device.type == "meta"
+    host = torch.ones(2, 4, 8, 8)  # on a CPU device nothing moves
+    args, _ = _normalise_inputs((host, torch.tensor(1.0)), {})
+    assert args[1].device.type == "cpu"
 
 
 def test_inspect_reports_the_mode_and_compiled_shapes(compiled: LoadedModel, eager: LoadedModel) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,11 @@ GROUPS = (
 )
 KANDINSKY = ("kandinsky21", "kandinsky22", "kandinsky22-inpainting")
 SIZE = 64
+# Where the family servers run, and how: the suite runs them on the CPU ("auto" is "eager" there). On a
+# machine with a GPU, AUTOPIPELINE_TEST_DEVICE=cuda AUTOPIPELINE_TEST_ACCELERATION=eager runs every family
+# there, through the dispatcher and with the schedule on the host ("auto" would compile every family).
+DEVICE = os.environ.get("AUTOPIPELINE_TEST_DEVICE", "cpu")
+ACCELERATION = os.environ.get("AUTOPIPELINE_TEST_ACCELERATION", "auto")
 CASES = [(family, task) for family, (tasks, _, _) in FAMILIES.items() for task in tasks]
 
 pytestmark = [
@@ -75,7 +81,10 @@ def family_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
                 )
                 for family in group
             )
-            server = ServerThread(Settings(models=models, host="127.0.0.1", port=0, device="cpu", grace=5.0))
+            settings = Settings(
+                models=models, host="127.0.0.1", port=0, device=DEVICE, acceleration=ACCELERATION, grace=5.0
+            )
+            server = ServerThread(settings)
             running.append(server)
             servers.update(dict.fromkeys(group, server))
         yield servers

@@ -4,7 +4,9 @@ hot shapes where the mode asks for it; other shapes run it eagerly."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import logging
 import os
 import tempfile
@@ -372,10 +374,10 @@ class DenoiserDispatcher:
             self._eager = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _normalise_inputs(args, kwargs)
         if self._eager:
             self.adapter_calls += 1
             return self.eager_forward(*args, **kwargs)
-        args, kwargs = _normalise_inputs(args, kwargs)
         signature = _signature(args, kwargs)
         if self._warming is not None:
             if not self._primed:
@@ -457,6 +459,10 @@ def _normalise_inputs(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Gives the denoiser its inputs in one form, whatever the pipeline and scheduler produced.
 
+    Inputs still on the host go to the latents' device: with the schedule on the host
+    (`schedule_on_host`), the timestep and what the pipeline derives from it (`t.expand(batch)`,
+    `t / 1000`) are host tensors, which a UNet would copy over itself but a transformer would not.
+
     A compiled graph guards on dtypes and strides, so each variant would be another graph:
     - image latents go in channels_last, the denoiser's own layout: the first step's latents are
       contiguous, later ones come back from the scheduler in the UNet output's channels_last;
@@ -465,6 +471,9 @@ def _normalise_inputs(
       anyway (UNet: `timesteps.float()`), so this changes no result.
     """
     sample = _sample(args, kwargs)
+    if isinstance(sample, torch.Tensor) and sample.device.type != "cpu":
+        to_device = functools.partial(_to_device, sample.device)
+        args, kwargs = tree_map_only(torch.Tensor, to_device, (args, kwargs))
     if isinstance(sample, torch.Tensor) and sample.dim() == 4:
         sample = sample.contiguous(memory_format=torch.channels_last)
         if args:
@@ -486,6 +495,41 @@ def _normalise_inputs(
     if where == 1:
         return (args[0], timestep, *args[2:]), kwargs
     return args, {**kwargs, "timestep": timestep}
+
+
+def _to_device(device: torch.device, value: torch.Tensor) -> torch.Tensor:
+    return value if value.device == device else value.to(device, non_blocking=True)
+
+
+def schedule_on_host(model: LoadedModel, scheduler: Any) -> None:
+    """Keeps one call's timesteps on the host, where the model's denoiser runs through a dispatcher.
+
+    Pipelines ask `set_timesteps` for the schedule on the device. Schedulers such as PNDM (SD 1.5's)
+    and DDIM then index host tables with a device timestep and branch on it in Python
+    (`alphas_cumprod[timestep]`, `if prev_timestep >= 0`), and each such read waits for every kernel
+    queued before it: the host cannot queue a step while the GPU runs the one before, and the GPU
+    idles while the host prepares the next. Measured on an H100 (SD 1.5, PNDM, the UNet compiled
+    with CUDA graphs): 6.2 ms of kernels per UNet call, 8.2 ms per call on the GPU's timeline, and the
+    scheduler's step 6 ms of the host's time, waiting. With the schedule on the host those reads cost
+    nothing; the dispatcher moves the timestep to the device for the denoiser (`_normalise_inputs`).
+    Samplers that keep their sigmas on the host already (Euler, DPM-Solver) compute the same either
+    way. Call it on a scheduler of one call only: the stand-in holds that scheduler's own method.
+    """
+    report = model.acceleration
+    original = scheduler.set_timesteps
+    signature = inspect.signature(original)
+    if report is None or report.dispatcher is None or "device" not in signature.parameters:
+        return
+
+    def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["device"] = "cpu"
+        return original(*bound.args, **bound.kwargs)
+
+    # Pipelines read its parameters (diffusers' `retrieve_timesteps`: does it take custom sigmas?).
+    set_timesteps.__signature__ = signature  # type: ignore[attr-defined]
+
+    scheduler.set_timesteps = set_timesteps
 
 
 def denoiser_of(model: LoadedModel) -> torch.nn.Module | None:
@@ -643,6 +687,11 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     # `__call__` (the fused projections swapped in new ones), which dynamo traces; no guard may see it
     # change after its graph was built.
     pin_signatures(model)
+    # Installed in both modes: it takes the inputs from a schedule kept on the host (schedule_on_host);
+    # in "eager" mode no shape is ever ready, so every call runs the prepared module eagerly.
+    dispatcher = DenoiserDispatcher(module, compile_mode=plan.compile_mode)
+    module.forward = dispatcher
+    report.dispatcher = dispatcher
     if plan.mode == "eager":
         return report
     cache_file = megacache_path(model, plan)
@@ -660,9 +709,6 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
     torch._dynamo.config.accumulated_recompile_limit = max(
         torch._dynamo.config.accumulated_recompile_limit, torch._dynamo.config.recompile_limit
     )
-    dispatcher = DenoiserDispatcher(module, compile_mode=plan.compile_mode)
-    module.forward = dispatcher
-    report.dispatcher = dispatcher
     started = time.perf_counter()
     try:
         for request, batch in requests:

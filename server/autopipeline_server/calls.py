@@ -13,6 +13,7 @@ import PIL.Image
 import torch
 
 from autopipeline_server import adapters, controlnet
+from autopipeline_server.acceleration import schedule_on_host
 from autopipeline_server.domain import GenerationRequest, Task
 from autopipeline_server.errors import OutOfMemory
 from autopipeline_server.pipelines import LoadedModel, TaskPipeline
@@ -262,6 +263,7 @@ def run_batch(calls: Sequence[PreparedCall], hooks: Sequence[CallHooks]) -> list
     elif hook == "callback":
         kwargs["callback"] = reporter.on_legacy_step
     # Each call gets its own scheduler (and each stage its own), and every stage reports to the stand-in.
+    schedule_on_host(first.model, scheduler)
     pipe.scheduler = scheduler
     if stages:
         prior, decoder = stages
