@@ -282,6 +282,10 @@ def test_inputs_on_the_host_go_to_the_device_of_the_latents() -> None:
         (), {"hidden_states": torch.empty(2, 16, device="meta"), "timestep": torch.ones(2) / 1000}
     )
     assert kwargs["timestep"].device.type == "meta"
+    # Latents as a list of tensors (Z-Image): the timestep goes to their device too.
+    listed = [torch.empty(16, 1, 8, 8, device="meta")] * 2
+    args, _ = _normalise_inputs((listed, torch.ones(2), torch.empty(2, 3, device="meta")), {})
+    assert args[1].device.type == "meta" and all(a is b for a, b in zip(args[0], listed, strict=True))
     host = torch.ones(2, 4, 8, 8)  # on a CPU device nothing moves
     args, _ = _normalise_inputs((host, torch.tensor(1.0)), {})
     assert args[1].device.type == "cpu"
