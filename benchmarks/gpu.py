@@ -23,11 +23,12 @@ Made for one unattended run: every phase is timed against `--budget` (a phase th
 is printed as skipped, a server that cannot become SERVING in the time left is stopped), phases run
 most telling first (see PHASES), throughput is measured over a time window whose unfinished requests
 are cancelled, and a failing phase prints its error and the server's last log lines, then the run
-goes on. On one H100, SD 1.5's phases up to the warm restart (which the run did not reach) took 340 s,
-compiling batch sizes 1 and 8 about 130 of them, and SDXL's build, direct and compiled cold phases at
-batch 1 took 217 s; so run the families apart:
+goes on. On one H100, SD 1.5's build, direct, eager, compiled cold and compiled warm phases took 368 s
+(compiling batch sizes 1 and 8, one graph, 106 of them), and SDXL's build, direct and compiled cold
+phases at batch 1 took 217 s; so run the families apart:
 
-    python benchmarks/gpu.py --families sd15      # CUDA, within --budget (420 s)
+    python benchmarks/gpu.py --families sd15 --phases direct,eager,compiled-cold,compiled-warm
+    python benchmarks/gpu.py --families sd15 --phases direct-compiled,call-path     # the yardsticks
     python benchmarks/gpu.py --families sdxl --phases direct,compiled-cold,compiled-warm --batch 1 --clients 1
     python benchmarks/gpu.py --families sd15 --phases precompile      # the probe alone, about 2 minutes
     python benchmarks/gpu.py --tiny --device cpu  # smoke test: tiny checkpoints, small numbers

@@ -52,6 +52,13 @@ def test_the_gpu_benchmark_runs_every_phase_and_probe_on_a_cpu(tmp_path: Path) -
     assert (tmp_path / "sd15-direct-compiled-profile.txt").read_text().strip(), out
     assert re.search(r"server call path, one call profiled: [\d.]+ ms of kernels in [\d.]+ ms", out), out
     assert "aten::" in (tmp_path / "sd15-call-path-profile.txt").read_text(), out
+    # One call broken down in stages, in every in-process phase, and the undeclared size call by call.
+    stage = r"one call in stages: wall [\d.]+ ms; text_encoder x2 host [\d.]+; denoiser x5 host [\d.]+;"
+    for said in ("direct eager", "direct compiled", "server call path"):
+        assert re.search(f"{said}, {stage}", out), out
+    assert re.search(r"VAE decoder compiled too \([\d.]+ s\): p50 [\d.]+ ms; one call in stages", out), out
+    for said in ("direct eager", "direct eager, denoiser prepared", "server call path"):
+        assert re.search(f"{said}, undeclared size, calls in order: [\\d.]+, [\\d.]+ ms", out), out
     # The undeclared size: the first request and the median of the rest.
     assert re.search(r"\d+\.\d/\d+\.\d", rows["served eager [off]"]), rows["served eager [off]"]
     # Each served phase splits its p50 into the pipeline call and encoding (the server's own timings).

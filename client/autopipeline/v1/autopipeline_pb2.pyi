@@ -1514,7 +1514,9 @@ class Acceleration(_message.Message):
     compiled_calls: _builtins.int
     """Denoiser calls that ran compiled since start-up."""
     eager_calls: _builtins.int
-    """Denoiser calls that ran eagerly since start-up (shapes that were not declared)."""
+    """Denoiser calls that ran eagerly since start-up: shapes that were not declared, and in the
+    eager mode every call.
+    """
     eager_fallbacks: _builtins.int
     """Calls at a declared shape that ran eagerly: the compiled graph's guards failed, or another
     device's thread was compiling at that moment.
