@@ -318,7 +318,7 @@ def test_inspect_reports_the_mode_and_compiled_shapes(compiled: LoadedModel, eag
 
 
 def test_the_cache_dir_holds_artifacts_and_a_second_load_hits_them(
-    compiled: LoadedModel, checkpoints: dict[str, Path], cache_dir: Path
+    compiled: LoadedModel, checkpoints: dict[str, Path], cache_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = _report(compiled)
     assert list((cache_dir / MEGACACHE_FOLDER).glob("*.bin"))
@@ -328,9 +328,13 @@ def test_the_cache_dir_holds_artifacts_and_a_second_load_hits_them(
     # A second model of the same architecture would reuse this process's compiled code outright;
     # forget it, as a restarted process would, so the graphs must come from the cache dir.
     torch._dynamo.reset()
-    again = accelerate(_load(checkpoints["sd15"]), _plan(cache_dir))
+    with caplog.at_level(logging.INFO, logger=acceleration.__name__):
+        again = accelerate(_load(checkpoints["sd15"]), _plan(cache_dir))
     assert again.cache_loaded and again.cache_hits >= 1 and again.cache_misses == 0
     assert again.compiled_shapes == first.compiled_shapes
+    # The log says where a (re)start's compile time went: each warm-up request's seconds.
+    took = [r.getMessage() for r in caplog.records if "warm-up requests took" in r.getMessage()]
+    assert len(took) == 1 and took[0].count("text-to-image 64x64x") == 2, caplog.text
 
 
 def test_graphs_left_without_cuda_graphs_are_counted(checkpoints: dict[str, Path], cache_dir: Path) -> None:

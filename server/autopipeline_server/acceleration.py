@@ -713,13 +713,17 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
         torch._dynamo.config.accumulated_recompile_limit, torch._dynamo.config.recompile_limit
     )
     started = time.perf_counter()
+    took: list[str] = []  # each warm-up request's seconds, for the log: where a start's time goes
     try:
         for request, batch in requests:
             known = set(dispatcher.ready)
+            begun = time.perf_counter()
             with dispatcher.warming(request.task), _cudagraph_skips(report, plan):
                 run_call(prepare_with_inputs(model, request), QuietHooks())
             assert request.width is not None
             assert request.height is not None
+            seconds = time.perf_counter() - begun
+            took.append(f"{request.task.value} {request.width}x{request.height}x{batch} {seconds:.1f}s")
             report.compiled_shapes.extend(
                 CompiledShape(request.task, request.width, request.height, batch, _sample_shape(signature))
                 for signature in dispatcher.ready.keys() - known
@@ -758,4 +762,5 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
         report.cache_misses,
         ", ".join(f"{s.task.value} {s.width}x{s.height}x{s.batch_size}" for s in report.compiled_shapes),
     )
+    log.info("%s: warm-up requests took %s", model.spec.name, ", ".join(took))
     return report
