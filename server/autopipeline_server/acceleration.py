@@ -12,6 +12,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -516,18 +517,20 @@ def schedule_on_host(model: LoadedModel, scheduler: Any) -> None:
     scheduler's step 6 ms of the host's time, waiting. With the schedule on the host those reads cost
     nothing; the dispatcher moves the timestep to the device for the denoiser (`_normalise_inputs`).
     Samplers that keep their sigmas on the host already (Euler, DPM-Solver) compute the same either
-    way. Call it on a scheduler of one call only: the stand-in holds that scheduler's own method.
+    way. Call it on one call's own scheduler: the stand-in is an attribute of that instance.
     """
     report = model.acceleration
-    original = scheduler.set_timesteps
-    signature = inspect.signature(original)
+    signature = inspect.signature(scheduler.set_timesteps)
     if report is None or report.dispatcher is None or "device" not in signature.parameters:
         return
+    # The class's function and a weak reference: holding the bound method would make the scheduler
+    # and its tensors a reference cycle, left to the cycle collector after every call.
+    function, owner = type(scheduler).set_timesteps, weakref.ref(scheduler)
 
     def set_timesteps(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         bound.arguments["device"] = "cpu"
-        return original(*bound.args, **bound.kwargs)
+        return function(owner(), *bound.args, **bound.kwargs)
 
     # Pipelines read its parameters (diffusers' `retrieve_timesteps`: does it take custom sigmas?).
     set_timesteps.__signature__ = signature  # type: ignore[attr-defined]
