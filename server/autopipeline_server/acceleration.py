@@ -520,8 +520,10 @@ def schedule_on_host(model: LoadedModel, scheduler: Any) -> None:
     way. Call it on one call's own scheduler: the stand-in is an attribute of that instance.
     """
     report = model.acceleration
+    if report is None or report.dispatcher is None:
+        return  # `off`: diffusers' behaviour exactly, and no signature to derive on every call
     signature = inspect.signature(scheduler.set_timesteps)
-    if report is None or report.dispatcher is None or "device" not in signature.parameters:
+    if "device" not in signature.parameters:
         return
     # The class's function and a weak reference: holding the bound method would make the scheduler
     # and its tensors a reference cycle, left to the cycle collector after every call.
