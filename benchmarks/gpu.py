@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import functools
 import io
 import itertools
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -226,6 +228,32 @@ def _tail(log: Path, lines: int = 25) -> str:
     except OSError:
         return ""
     return "\n".join("    | " + line for line in text[-lines:])
+
+
+# The server's log lines that say where a start's time went, in the order they come.
+_START_MESSAGES = re.compile(
+    r"listening on|loaded \S+ \(|torch\.compile ready|denoiser shapes|warm-up requests took|models ready"
+    r"|precompil"
+)
+
+
+def start_timeline(log: Path) -> str:
+    """A start's milestones from a server log: seconds since its first line, then the message."""
+    first: datetime.datetime | None = None
+    parts = []
+    for line in log.read_text(errors="replace").splitlines():
+        stamp, _, rest = line.partition(" INFO ")
+        if not rest:
+            stamp, _, rest = line.partition(" WARNING ")
+        try:
+            when = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
+        except ValueError:
+            continue
+        first = first or when
+        message = rest.partition(": ")[2]
+        if _START_MESSAGES.search(message):
+            parts.append(f"+{(when - first).total_seconds():.1f}s {message[:220]}")
+    return "; ".join(parts)
 
 
 class Stages:
@@ -587,8 +615,10 @@ def _precompile(
     if stage == "save":
         result["eager_call"] = steady(_unet_call)
         started = time.perf_counter()
-        with torch.inference_mode():
-            options = {"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe, **graphs}
+        # torch 2.11 offers `aot_compile` only with this flag; later versions always do.
+        with torch.inference_mode(), torch._dynamo.config.patch(enable_aot_compile=True):
+            portable = getattr(torch.compiler, "keep_portable_guards_unsafe", None)
+            options = {**({"guard_filter_fn": portable} if portable else {}), **graphs}
             aot = torch.compile(_unet_call, fullgraph=True, dynamic=False, options=options)
             precompiled = aot.aot_compile((inputs, {}))  # type: ignore[attr-defined]
         result["aot_compile"] = time.perf_counter() - started
@@ -604,11 +634,48 @@ def _precompile(
     with torch.inference_mode():  # Inductor's imports, paid by whichever compiled code comes first
         torch.compile(lambda x: x + 1, dynamic=False)(inputs[0])
     started = time.perf_counter()
-    with path.open("rb") as file, torch.inference_mode():  # the guards' dispatch keys as in the calls
+    # Inductor decides on CUDA graphs when it loads a graph, from its config then (pytorch#155703).
+    with (
+        path.open("rb") as file,
+        torch.inference_mode(),  # the guards' dispatch keys as in the calls
+        torch._inductor.config.patch(graphs),
+    ):
         loaded = torch.compiler.load_compiled_function(file, external_data={"unet": unet})
     result["load"] = time.perf_counter() - started
     result["loaded_first"] = timed(loaded)
     result["loaded_call"] = steady(loaded)
+    if cuda:  # functions the CUDA graph trees hold: 0 means the loaded graph runs without CUDA graphs
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+        result["graph_functions"] = len(getattr(manager, "ids_to_funcs", ()))
+        # The alternative to graph trees: the loaded graph without them, captured in a CUDA graph here.
+        started = time.perf_counter()
+        with path.open("rb") as file, torch.inference_mode():
+            plain = torch.compiler.load_compiled_function(file, external_data={"unet": unet})
+            static = tuple(t.clone() for t in inputs)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    plain(*static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = plain(*static)
+            torch.cuda.synchronize()
+        result["capture"] = time.perf_counter() - started
+
+        def replay(*args: Any) -> Any:
+            for into, value in zip(static, args, strict=True):
+                into.copy_(value)
+            graph.replay()
+            return out.clone()
+
+        result["plain_call"] = steady(plain)
+        result["captured_call"] = steady(replay)
+        with torch.inference_mode():
+            result["captured_diff"] = float((replay(*inputs) - _unet_call(*inputs)).abs().max())
     compiled = torch.compile(_unet_call, fullgraph=True, dynamic=False, options=graphs)
     result["warm_first"] = timed(compiled)  # dynamo's trace, then the Inductor cache
     result["warm_call"] = steady(compiled)
@@ -889,7 +956,8 @@ def served_row(label: str, name: str, result: Served, reference: bytes | None) -
     acc = result.acceleration
     start = f"{result.start:.1f}"
     if acc.mode == "compile":
-        start += f" (compile {acc.compile_time.ToTimedelta().total_seconds():.1f}, hits {acc.cache_hits})"
+        found = f"loaded {acc.graphs_loaded}" if acc.graphs_loaded else f"hits {acc.cache_hits}"
+        start += f" (compile {acc.compile_time.ToTimedelta().total_seconds():.1f}, {found})"
     emit(
         label,
         f"{name} [{acc.mode}]",
@@ -1076,6 +1144,13 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
             f"{m['loaded_first']:.1f} s for its first call, torch.compile {_ms(m['warm_call'])} after "
             f"{m['warm_first']:.1f} s to trace and load its warm cache (cold: {m['compile_first']:.1f} s; "
             f"aot_compile {m['aot_compile']:.1f} s, {m['bytes'] / 2**20:.1f} MiB saved)"
+            + (
+                f"; CUDA graph trees held {m['graph_functions']} loaded functions; loaded without them "
+                f"{_ms(m['plain_call'])}, captured here in a CUDA graph {_ms(m['captured_call'])} after "
+                f"{m['capture']:.1f} s to load and capture, max diff from eager {m['captured_diff']:.4f}"
+                if "graph_functions" in m
+                else ""
+            )
         )
 
     reference: list[bytes] = []  # the served eager image of seed 0, once measured
@@ -1084,6 +1159,7 @@ def run_family(family: str, args: argparse.Namespace, budget: Budget, root: Path
         def run(log: Path) -> None:
             result = served(checkpoint, args, budget, size, steps, log, *flags)
             served_row(label, name, result, reference[0] if reference else None)
+            note(f"{label}, {name}, its start: {start_timeline(log)}")
             if not reference and result.acceleration.mode == "off":
                 reference.append(result.image)
 

@@ -23,6 +23,7 @@ from autopipeline.v1 import autopipeline_pb2 as pb
 from autopipeline_server import acceleration, convert
 from autopipeline_server.acceleration import (
     MEGACACHE_FOLDER,
+    PRECOMPILED_FOLDER,
     AccelerationPlan,
     AccelerationReport,
     DenoiserDispatcher,
@@ -332,9 +333,29 @@ def test_the_cache_dir_holds_artifacts_and_a_second_load_hits_them(
         again = accelerate(_load(checkpoints["sd15"]), _plan(cache_dir))
     assert again.cache_loaded and again.cache_hits >= 1 and again.cache_misses == 0
     assert again.compiled_shapes == first.compiled_shapes
+    # The graph itself came precompiled: dynamo traced nothing at this "restart".
+    assert list((cache_dir / PRECOMPILED_FOLDER).glob("*/*.bin"))
+    assert (first.graphs, first.graphs_loaded, first.precompile_error) == (1, 0, "")
+    assert (again.graphs, again.graphs_loaded) == (0, 1)
     # The log says where a (re)start's compile time went: each warm-up request's seconds.
     took = [r.getMessage() for r in caplog.records if "warm-up requests took" in r.getMessage()]
     assert len(took) == 1 and took[0].count("text-to-image 64x64x") == 2, caplog.text
+
+
+def test_a_restarted_model_runs_its_loaded_graphs_with_eager_images(
+    checkpoints: dict[str, Path], cache_dir: Path, compiled: LoadedModel, eager: LoadedModel
+) -> None:
+    torch._dynamo.reset()  # as a new process: nothing compiled in memory
+    restarted = _load(checkpoints["sd15"])
+    report = accelerate(restarted, _plan(cache_dir))
+    pin_signatures(restarted)
+    assert (report.graphs, report.graphs_loaded, report.error) == (0, 1, "")
+    for images in (1, 2, 3):  # batch 1 padded into batch 2's graph
+        with _Watch(restarted) as watch:
+            fast = run_call(prepare_call(restarted, _request(images)), QuietHooks())
+        slow = run_call(prepare_call(eager, _request(images)), QuietHooks())
+        assert (watch.compiled, watch.eager, watch.fallbacks, watch.graphs) == (4, 0, 0, 0)
+        assert np.abs(_pixels(fast) - _pixels(slow)).max() <= PIXEL_TOLERANCE
 
 
 def test_graphs_left_without_cuda_graphs_are_counted(checkpoints: dict[str, Path], cache_dir: Path) -> None:
@@ -559,3 +580,86 @@ def test_pinned_signatures_do_not_stop_a_full_graph_trace() -> None:
     assert "__signature__" in _Processor.__call__.__dict__
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     assert torch.equal(compiled(torch.ones(3), {"scale": 3.0, "other": 1.0}), torch.full((3,), 3.0))
+
+
+class _Scaled(torch.nn.Module):
+    """A denoiser in miniature: latents and a timestep in, latents out."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, width)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.proj(sample) * timestep
+
+
+def _warm(dispatcher: DenoiserDispatcher, *batches: int) -> None:
+    with dispatcher.warming(Task.TEXT_TO_IMAGE), torch.inference_mode():  # as pipelines call it
+        for batch in batches:
+            dispatcher(torch.randn(batch, 4, 8, 8), torch.tensor(3.0))
+
+
+def test_a_precompiled_graph_is_saved_and_a_later_start_loads_it_without_tracing(tmp_path: Path) -> None:
+    first = DenoiserDispatcher(_Scaled(), compile_mode=None, store=tmp_path)
+    _warm(first, 2, 4)  # one graph: the batch is dynamic
+    assert (first.graphs_precompiled, first.graphs_loaded, first.precompile_error) == (1, 0, "")
+    assert len(list(tmp_path.glob("*.bin"))) == 1
+    module = _Scaled()
+    module.load_state_dict(first._module.state_dict())
+    traced = counters["stats"]["unique_graphs"]
+    second = DenoiserDispatcher(module, compile_mode=None, store=tmp_path)
+    _warm(second, 2, 4)
+    assert (second.graphs_precompiled, second.graphs_loaded) == (0, 1)
+    assert counters["stats"]["unique_graphs"] == traced  # nothing traced
+    sample = torch.randn(4, 4, 8, 8)
+    with torch.inference_mode():
+        assert torch.allclose(second(sample, torch.tensor(2.0)), module(sample, torch.tensor(2.0)))
+    assert (second.compiled_calls, second.eager_calls, second.eager_fallbacks) == (1, 0, 0)
+
+
+def test_a_precompiled_graph_that_does_not_fit_or_load_is_compiled_afresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _warm(DenoiserDispatcher(_Scaled(), compile_mode=None, store=tmp_path), 2)
+    (saved,) = tmp_path.glob("*.bin")
+    # Another model's graph under the same name: its weights' shapes fail the guards.
+    wider = DenoiserDispatcher(_Scaled(width=6), compile_mode=None, store=tmp_path)
+    with caplog.at_level(logging.WARNING, logger=acceleration.__name__):
+        _warm(wider, 2)
+    assert (wider.graphs_precompiled, wider.graphs_loaded) == (1, 0)
+    assert "does not fit this model" in caplog.text
+    saved.write_bytes(b"not a graph")
+    corrupt = DenoiserDispatcher(_Scaled(width=6), compile_mode=None, store=tmp_path)
+    with caplog.at_level(logging.WARNING, logger=acceleration.__name__):
+        _warm(corrupt, 2)
+    assert (corrupt.graphs_precompiled, corrupt.graphs_loaded) == (1, 0)
+    assert "cannot load the precompiled graph" in caplog.text
+    again = DenoiserDispatcher(_Scaled(width=6), compile_mode=None, store=tmp_path)
+    _warm(again, 2)  # the rewritten file loads
+    assert (again.graphs_precompiled, again.graphs_loaded) == (0, 1)
+
+
+def test_a_denoiser_that_cannot_be_precompiled_is_traced_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hooked = _Scaled()
+    eager_forward = hooked.forward
+    hooked.forward = lambda *args, **kwargs: eager_forward(*args, **kwargs)  # e.g. offload hooks
+    dispatcher = DenoiserDispatcher(hooked, compile_mode=None, store=tmp_path)
+    traced = counters["stats"]["unique_graphs"]
+    _warm(dispatcher, 2)
+    assert counters["stats"]["unique_graphs"] == traced + 1 and not list(tmp_path.glob("*.bin"))
+    assert dispatcher.graphs_precompiled == 0 and "hook" in dispatcher.precompile_error
+
+    def refuse(*args: object) -> None:
+        raise torch._dynamo.exc.PackageError("ID_MATCH guard cannot be serialized.")
+
+    monkeypatch.setattr(DenoiserDispatcher, "_precompiled", refuse)
+    dispatcher = DenoiserDispatcher(_Scaled(), compile_mode=None, store=tmp_path)
+    _warm(dispatcher, 2)
+    assert "ID_MATCH" in dispatcher.precompile_error and len(dispatcher.ready) == 1
+    sample = torch.randn(2, 4, 8, 8)
+    with torch.inference_mode():
+        expected = dispatcher.eager_forward(sample, torch.tensor(2.0))
+        assert torch.allclose(dispatcher(sample, torch.tensor(2.0)), expected)
+    assert (dispatcher.compiled_calls, dispatcher.eager_calls) == (1, 0)

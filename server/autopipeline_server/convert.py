@@ -489,6 +489,8 @@ def acceleration_info(report: AccelerationReport) -> pb.Acceleration:
         cudagraph_skips=report.cudagraph_skips,
         padded_calls=report.padded_calls,
         cudagraph_skip_reason=report.cudagraph_skip_reason,
+        graphs_loaded=report.graphs_loaded,
+        precompile_error=report.precompile_error,
     )
 
 

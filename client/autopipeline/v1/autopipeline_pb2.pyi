@@ -1499,6 +1499,8 @@ class Acceleration(_message.Message):
     CUDAGRAPH_SKIPS_FIELD_NUMBER: _builtins.int
     CUDAGRAPH_SKIP_REASON_FIELD_NUMBER: _builtins.int
     PADDED_CALLS_FIELD_NUMBER: _builtins.int
+    GRAPHS_LOADED_FIELD_NUMBER: _builtins.int
+    PRECOMPILE_ERROR_FIELD_NUMBER: _builtins.int
     requested: _builtins.str
     """The mode the operator asked for: "auto", "off", "eager" or "compile"."""
     mode: _builtins.str
@@ -1508,7 +1510,9 @@ class Acceleration(_message.Message):
     cache_loaded: _builtins.bool
     """Whether a compile cache file for this model, torch version and device was found and loaded."""
     cache_hits: _builtins.int
-    """Compiled graphs found in the compile cache during warm-up."""
+    """Compiled graphs found in the compile cache during warm-up: precompiled graphs loaded
+    (`graphs_loaded`) and Inductor cache hits for graphs traced at this start.
+    """
     cache_misses: _builtins.int
     """Compiled graphs that had to be compiled afresh during warm-up."""
     compiled_calls: _builtins.int
@@ -1542,6 +1546,14 @@ class Acceleration(_message.Message):
     the graph of the next larger compiled batch (at most twice as large), with
     padding samples the call does not return.
     """
+    graphs_loaded: _builtins.int
+    """Graphs loaded ready-made from the compile cache directory, where an earlier
+    start saved them precompiled: neither traced nor compiled at this start.
+    """
+    precompile_error: _builtins.str
+    """Why this model's graphs are traced at every start instead of precompiled
+    and loaded (torch could not precompile its denoiser); empty otherwise.
+    """
     @_builtins.property
     def compiled_shapes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompiledShape]:
         """The shapes compiled during warm-up; requests whose denoiser input has one of them run compiled."""
@@ -1568,10 +1580,12 @@ class Acceleration(_message.Message):
         cudagraph_skips: _builtins.int = ...,
         cudagraph_skip_reason: _builtins.str = ...,
         padded_calls: _builtins.int = ...,
+        graphs_loaded: _builtins.int = ...,
+        precompile_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compile_time", b"compile_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_calls", b"adapter_calls", "cache_hits", b"cache_hits", "cache_loaded", b"cache_loaded", "cache_misses", b"cache_misses", "compile_time", b"compile_time", "compiled_calls", b"compiled_calls", "compiled_shapes", b"compiled_shapes", "cudagraph_skip_reason", b"cudagraph_skip_reason", "cudagraph_skips", b"cudagraph_skips", "eager_calls", b"eager_calls", "eager_fallbacks", b"eager_fallbacks", "error", b"error", "mode", b"mode", "padded_calls", b"padded_calls", "requested", b"requested"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_calls", b"adapter_calls", "cache_hits", b"cache_hits", "cache_loaded", b"cache_loaded", "cache_misses", b"cache_misses", "compile_time", b"compile_time", "compiled_calls", b"compiled_calls", "compiled_shapes", b"compiled_shapes", "cudagraph_skip_reason", b"cudagraph_skip_reason", "cudagraph_skips", b"cudagraph_skips", "eager_calls", b"eager_calls", "eager_fallbacks", b"eager_fallbacks", "error", b"error", "graphs_loaded", b"graphs_loaded", "mode", b"mode", "padded_calls", b"padded_calls", "precompile_error", b"precompile_error", "requested", b"requested"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
