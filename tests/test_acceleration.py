@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import itertools
 import logging
+import os
 import threading
 import types
 from collections.abc import Callable
@@ -387,6 +388,8 @@ def test_settings_parse_acceleration_and_hot_shapes(tmp_path: Path) -> None:
         "cuda": ("auto", "compile", "reduce-overhead"),
         "meta": ("auto", "off", None),
     }
+    # Compiling without a configured cache dir keeps its files beside torch's own Inductor cache.
+    assert auto["cuda"].cache_dir == os.environ["TORCHINDUCTOR_CACHE_DIR"] and auto["cpu"].cache_dir == ""
     for bad in ({"compile_shapes": "512"}, {"compile_shapes": "0x512"}, {"acceleration": "fast"},
                 {"png_compress_level": 10}, {"compile_shapes": "4096x512"}):  # fmt: skip
         with pytest.raises(ConfigError):
@@ -650,6 +653,8 @@ def test_a_denoiser_that_cannot_be_precompiled_is_traced_as_before(
     _warm(dispatcher, 2)
     assert counters["stats"]["unique_graphs"] == traced + 1 and not list(tmp_path.glob("*.bin"))
     assert dispatcher.graphs_precompiled == 0 and "hook" in dispatcher.precompile_error
+    # Nowhere to keep a precompiled graph: it would not outlive the process, so it is traced.
+    assert "no compile cache dir" in DenoiserDispatcher(_Scaled(), compile_mode=None).precompile_error
 
     def refuse(*args: object) -> None:
         raise torch._dynamo.exc.PackageError("ID_MATCH guard cannot be serialized.")

@@ -1,5 +1,6 @@
 """Acceleration: a prepared (channels_last, fused QKV) denoiser, compiled and graph-captured for declared
-hot shapes where the mode asks for it; other shapes run it eagerly."""
+hot shapes where the mode asks for it, its graphs precompiled into the cache dir so that the next start
+loads rather than traces them; other shapes run it eagerly."""
 
 from __future__ import annotations
 
@@ -82,12 +83,26 @@ class AccelerationPlan:
             mode=mode,
             shapes=settings.hot_shapes,
             max_batch_size=settings.max_batch_size,
-            cache_dir=settings.compile_cache_dir,
+            cache_dir=settings.compile_cache_dir or (_default_cache_dir() if mode == "compile" else ""),
             compile_mode="reduce-overhead" if mode == "compile" and device.type == "cuda" else None,
         )
 
     def batch_sizes(self, declared: int | None) -> list[int]:
         return [declared] if declared is not None else sorted({1, self.max_batch_size})
+
+
+def _default_cache_dir() -> str:
+    """torch's own Inductor cache dir: $TORCHINDUCTOR_CACHE_DIR, else a per-user folder in the temp dir.
+
+    Without a configured cache dir, precompiled graphs and the mega-cache go beside Inductor's cache, so
+    that a restart on the same machine (or a container whose image points the variable at a volume)
+    still loads them.
+    """
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # an older torch: no files of our own, Inductor keeps its cache where it does
+        return ""
+    return cache_dir()
 
 
 def configure_cache(cache_dir: str) -> None:
@@ -368,8 +383,14 @@ class DenoiserDispatcher:
         self.compiled_forward: Callable[..., Any] = torch.compile(
             self.eager_forward, mode=compile_mode, fullgraph=True, dynamic=False
         )
-        self._inner = _precompilable(module)
-        self.precompile_error = "" if self._inner else "the denoiser's forward is wrapped by a hook"
+        self._inner = _precompilable(module) if store is not None else None
+        self.precompile_error = (
+            "no compile cache dir to keep precompiled graphs in"
+            if store is None
+            else ""
+            if self._inner
+            else "the denoiser's forward is wrapped by a hook"
+        )
         self._store = store
         self._graphs: list[Any] = []  # precompiled graphs; one may serve several signatures
         self._runners: dict[Signature, Callable[..., Any]] = {}

@@ -227,8 +227,9 @@ class Settings:
     # Hot shapes compiled during warm-up: "WxH" (batch sizes 1 and max_batch_size) or "WxHxB";
     # empty = each model's default size. Any other shape runs eagerly.
     compile_shapes: tuple[str, ...] = ()
-    # Where compiled artefacts persist across restarts (TORCHINDUCTOR_CACHE_DIR and one mega-cache
-    # file per model); several replicas may share it. Empty = torch's default, per machine.
+    # Where compiled artefacts persist across restarts (TORCHINDUCTOR_CACHE_DIR, precompiled graphs and
+    # one mega-cache file per model); several replicas may share it. Empty = torch's Inductor cache dir
+    # ($TORCHINDUCTOR_CACHE_DIR, else a per-user temp folder): per machine.
     compile_cache_dir: str = ""
     # zlib level for PNG output (libpng's default is 6). Levels 1-3 use libpng's fast recipe (codecs.
     # RLE_UP_TO_LEVEL); 4-9 choose a filter per row for smaller files, several times slower: see
