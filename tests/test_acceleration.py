@@ -592,8 +592,10 @@ class _Scaled(torch.nn.Module):
         super().__init__()
         self.proj = torch.nn.Linear(8, width)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.proj(sample) * timestep
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, scale: float | None = None
+    ) -> torch.Tensor:
+        return self.proj(sample) * timestep * (1.0 if scale is None else scale)
 
 
 def _warm(dispatcher: DenoiserDispatcher, *batches: int) -> None:
@@ -606,7 +608,8 @@ def test_a_precompiled_graph_is_saved_and_a_later_start_loads_it_without_tracing
     first = DenoiserDispatcher(_Scaled(), compile_mode=None, store=tmp_path)
     _warm(first, 2, 4)  # one graph: the batch is dynamic
     assert (first.graphs_precompiled, first.graphs_loaded, first.precompile_error) == (1, 0, "")
-    assert len(list(tmp_path.glob("*.bin"))) == 1
+    (saved,) = tmp_path.glob("*.bin")
+    assert saved.stat().st_mode & 0o777 == 0o644  # replicas running as other users read it too
     module = _Scaled()
     module.load_state_dict(first._module.state_dict())
     traced = counters["stats"]["unique_graphs"]
@@ -618,10 +621,19 @@ def test_a_precompiled_graph_is_saved_and_a_later_start_loads_it_without_tracing
     with torch.inference_mode():
         assert torch.allclose(second(sample, torch.tensor(2.0)), module(sample, torch.tensor(2.0)))
     assert (second.compiled_calls, second.eager_calls, second.eager_fallbacks) == (1, 0, 0)
+    # An argument the graph was not traced with (its guards may not have been saved): eagerly, and right.
+    with torch.inference_mode():
+        scaled = second(sample, torch.tensor(2.0), scale=3.0)
+        assert torch.allclose(scaled, module(sample, torch.tensor(2.0)) * 3.0)
+    assert (second.compiled_calls, second.eager_calls) == (1, 1)
+    second.disable()  # as a failed warm-up leaves it: every call eager
+    with torch.inference_mode():
+        second(sample, torch.tensor(2.0))
+    assert (second.compiled_calls, second.eager_calls) == (1, 2)
 
 
 def test_a_precompiled_graph_that_does_not_fit_or_load_is_compiled_afresh(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _warm(DenoiserDispatcher(_Scaled(), compile_mode=None, store=tmp_path), 2)
     (saved,) = tmp_path.glob("*.bin")
@@ -630,7 +642,7 @@ def test_a_precompiled_graph_that_does_not_fit_or_load_is_compiled_afresh(
     with caplog.at_level(logging.WARNING, logger=acceleration.__name__):
         _warm(wider, 2)
     assert (wider.graphs_precompiled, wider.graphs_loaded) == (1, 0)
-    assert "does not fit this model" in caplog.text
+    assert "does not fit" in caplog.text and "size mismatch" in caplog.text
     saved.write_bytes(b"not a graph")
     corrupt = DenoiserDispatcher(_Scaled(width=6), compile_mode=None, store=tmp_path)
     with caplog.at_level(logging.WARNING, logger=acceleration.__name__):
@@ -640,6 +652,13 @@ def test_a_precompiled_graph_that_does_not_fit_or_load_is_compiled_afresh(
     again = DenoiserDispatcher(_Scaled(width=6), compile_mode=None, store=tmp_path)
     _warm(again, 2)  # the rewritten file loads
     assert (again.graphs_precompiled, again.graphs_loaded) == (0, 1)
+    # The source it was traced from changed since (an edited diffusers): compiled afresh.
+    monkeypatch.setattr(torch._dynamo.package, "_hash_sourcelines", lambda *args: "edited")
+    edited = DenoiserDispatcher(_Scaled(width=6), compile_mode=None, store=tmp_path)
+    with caplog.at_level(logging.WARNING, logger=acceleration.__name__):
+        _warm(edited, 2)
+    assert (edited.graphs_precompiled, edited.graphs_loaded) == (1, 0)
+    assert "its source changed" in caplog.text
 
 
 def test_a_denoiser_that_cannot_be_precompiled_is_traced_as_before(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import inspect
 import logging
 import os
@@ -23,8 +24,9 @@ import diffusers
 import PIL.Image
 import torch
 from torch._dynamo.utils import counters
-from torch.utils._pytree import tree_leaves, tree_map_only
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only
 
+from autopipeline_server import __version__
 from autopipeline_server.controlnet import warm_up_image
 from autopipeline_server.domain import GenerationRequest, Task
 from autopipeline_server.settings import Settings
@@ -352,6 +354,32 @@ class _StanceGate:
 _GATE = _StanceGate()
 
 
+@dataclass(frozen=True)
+class _Runner:
+    """How a ready signature runs: its compiled callable, and whether dynamo traced it at this start."""
+
+    call: Callable[..., Any]
+    traced: bool
+
+
+# Scalars and strings among a call's arguments, with where they are: the part of a call its signature
+# (tensor shapes) leaves out.
+Constants = tuple[Any, ...]
+_Key = tuple[Signature, Constants]
+
+
+def _constants(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Constants:
+    """The call's arguments other than tensors, and its structure (`None` where a dict may come).
+
+    A graph was traced with these: `return_dict=False`, `cross_attention_kwargs=None`, a ControlNet's
+    conditioning scale. Dynamo's own guards check them on a traced graph; a precompiled graph keeps
+    only guards a new process can rebuild, so calls whose constants differ from its warm-up call's
+    are kept from it here, whatever the torch version saves.
+    """
+    leaves, structure = tree_flatten((args, kwargs))
+    return (str(structure), *(v for v in leaves if isinstance(v, (bool, int, float, str, type(None)))))
+
+
 class DenoiserDispatcher:
     """Stands in for the denoiser's `forward`: warmed shapes run compiled, every other shape eagerly.
 
@@ -393,7 +421,9 @@ class DenoiserDispatcher:
         )
         self._store = store
         self._graphs: list[Any] = []  # precompiled graphs; one may serve several signatures
-        self._runners: dict[Signature, Callable[..., Any]] = {}
+        # Per signature and the call's other arguments: a precompiled graph keeps only the guards a new
+        # process can check, so the arguments it was traced with are checked here.
+        self._runners: dict[_Key, _Runner] = {}
         self.ready: dict[Signature, Task] = {}
         self.compiled_calls = 0
         self.eager_calls = 0
@@ -402,7 +432,7 @@ class DenoiserDispatcher:
         self.padded_calls = 0
         self.graphs_loaded = 0  # precompiled graphs loaded from `store`
         self.graphs_precompiled = 0  # ... and compiled afresh (then saved there)
-        self._paddings: dict[Signature, tuple[_Padding, Callable[..., Any]] | None] = {}
+        self._paddings: dict[_Key, tuple[_Padding, _Runner] | None] = {}
         self._warming: Task | None = None
         self._eager = False
         self._primed = False
@@ -430,6 +460,7 @@ class DenoiserDispatcher:
             self.adapter_calls += 1
             return self.eager_forward(*args, **kwargs)
         signature = _signature(args, kwargs)
+        key = (signature, _constants(args, kwargs))
         if self._warming is not None:
             if not self._primed:
                 # Some denoisers fill lazy caches on their first call, in code dynamo cannot trace
@@ -439,26 +470,28 @@ class DenoiserDispatcher:
                 self._primed = True
             traced = _batch_dynamic(args, kwargs)
             with _GATE.compiling():
-                runner = self._runners.get(signature) or self._warm_runner(signature, args, kwargs, traced)
+                runner = self._runners.get(key) or self._warm_runner(signature, args, kwargs, traced)
                 # torch.compile traces on its first call; a precompiled graph was traced already.
-                result = self._run(runner, *(traced if runner is self.compiled_forward else (args, kwargs)))
-            self._runners[signature] = runner
+                result = self._run(runner.call, *(traced if runner.traced else (args, kwargs)))
+            self._runners[key] = runner
             self.ready.setdefault(signature, self._warming)
             self._paddings.clear()
             return result
-        hot = self._runners.get(signature)
-        padding = None if hot is not None else self._padding(signature)
-        if hot is not None or padding is not None:
-            with _GATE.hot() as admitted:
+        hot = self._runners.get(key)
+        padding = None if hot is not None else self._padding(key)
+        if padding is not None:
+            hot = padding[1]
+        if hot is not None:
+            # A traced graph's guards answer to dynamo's process-wide stance; a precompiled one checks
+            # its own, and runs whichever thread compiles.
+            with _GATE.hot() if hot.traced else contextlib.nullcontext(True) as admitted:
                 if admitted:
                     try:
                         if padding is None:
-                            assert hot is not None
-                            result = self._run(hot, args, kwargs)
+                            result = self._run(hot.call, args, kwargs)
                         else:
-                            pad, padded_runner = padding
-                            padded = _normalise_inputs(*pad.pad(args, kwargs))
-                            result = pad.trim(self._run(padded_runner, *padded))
+                            padded = _normalise_inputs(*padding[0].pad(args, kwargs))
+                            result = padding[0].trim(self._run(hot.call, *padded))
                             self.padded_calls += 1
                         self.compiled_calls += 1
                         return result
@@ -470,16 +503,23 @@ class DenoiserDispatcher:
         self.eager_calls += 1
         return self.eager_forward(*args, **kwargs)
 
-    def _padding(self, signature: Signature) -> tuple[_Padding, Callable[..., Any]] | None:
+    def disable(self) -> None:
+        """Runs every call eagerly from now on: what the warm-up compiled is dropped (it failed)."""
+        self.ready.clear()
+        self._runners.clear()
+        self._paddings.clear()
+
+    def _padding(self, key: _Key) -> tuple[_Padding, _Runner] | None:
         """How a batch no graph was compiled for runs padded in the smallest one that fits, if any."""
-        if signature not in self._paddings:
+        if key not in self._paddings:
+            signature, constants = key
             fits = [
-                (padding, self._runners[ready])
-                for ready in self.ready
-                if (padding := _padding(signature, ready)) is not None
+                (padding, runner)
+                for (ready, ready_constants), runner in self._runners.items()
+                if ready_constants == constants and (padding := _padding(signature, ready)) is not None
             ]
-            self._paddings[signature] = min(fits, key=lambda fit: fit[0].to) if fits else None
-        return self._paddings[signature]
+            self._paddings[key] = min(fits, key=lambda fit: fit[0].to) if fits else None
+        return self._paddings[key]
 
     def _run(self, runner: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self._cuda_graphs:
@@ -495,18 +535,18 @@ class DenoiserDispatcher:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         traced: tuple[tuple[Any, ...], dict[str, Any]],
-    ) -> Callable[..., Any]:
+    ) -> _Runner:
         """What runs `signature` from now on: a precompiled graph (loaded, or traced with `traced` and
         saved), or the traced `torch.compile` where precompiling is not possible."""
         if self._inner is not None:
             try:
                 graph = self._precompiled(signature, ((self._module, *args), kwargs), traced)
-                return functools.partial(graph, self._module)
+                return _Runner(functools.partial(graph, self._module), traced=False)
             except Exception as err:  # e.g. a guard torch cannot save: trace it as before
                 log.warning("precompiling the denoiser failed; it is traced instead", exc_info=True)
                 self._inner = None
                 self.precompile_error = f"{type(err).__name__}: {err}"
-        return self.compiled_forward
+        return _Runner(self.compiled_forward, traced=True)
 
     def _precompiled(
         self,
@@ -520,16 +560,18 @@ class DenoiserDispatcher:
         path = self._store / f"{_digest(repr(signature))}.bin" if self._store else None
         if path is not None and path.is_file():
             graph = self._load(path)
-            if graph is not None and _fits(graph, call):
+            if graph is None:
+                misfit = "not loaded"
+            else:
+                misfit = _changed_source(graph) or ("" if _fits(graph, call) else _misfit(graph, call))
+            if graph is not None and not misfit:
                 self._graphs.append(graph)
                 self.graphs_loaded += 1
                 return graph
-            log.warning(
-                "the precompiled graph %s does not fit this model (%s); compiling it afresh",
-                path,
-                _misfit(graph, call) if graph is not None else "not loaded",
-            )
-        with _aot_compile_enabled():
+            log.warning("the precompiled graph %s does not fit (%s); compiling it afresh", path, misfit)
+        # One compiler at a time in the process: dynamo's own trace holds a lock that `aot_compile`
+        # does not take, and devices' threads warm up side by side.
+        with _COMPILING, _aot_compile_enabled():
             options = {**self._options, "guard_filter_fn": _serialisable_guards}
             compiled = torch.compile(self._inner, fullgraph=True, dynamic=False, options=options)
             graph = compiled.aot_compile(((self._module, *traced[0]), traced[1]))  # type: ignore[union-attr]
@@ -550,7 +592,7 @@ class DenoiserDispatcher:
 
     def _load(self, path: Path) -> Any:
         try:
-            with path.open("rb") as file, torch._inductor.config.patch(self._options):
+            with _COMPILING, path.open("rb") as file, torch._inductor.config.patch(self._options):
                 return torch.compiler.load_compiled_function(file, external_data=self._external())
         except Exception as err:  # a corrupt, foreign or older file only costs a compile
             log.warning("cannot load the precompiled graph %s: %s", path, err)
@@ -563,14 +605,41 @@ class DenoiserDispatcher:
             pass
         try:
             graph.save_compiled_function(tmp.name, external_data=self._external())
+            _readable(tmp.name)
             os.replace(tmp.name, path)
         except Exception as err:  # the graph serves this process; the next start compiles again
             Path(tmp.name).unlink(missing_ok=True)
             log.warning("cannot save the precompiled graph %s: %s", path, err)
+            self.precompile_error = f"cannot save a precompiled graph: {type(err).__name__}: {err}"
 
 
 def _no_dispatcher() -> None:
     return None
+
+
+_COMPILING = threading.Lock()  # held while a graph is precompiled or loaded
+
+
+def _readable(path: str) -> None:
+    """Cache files are read by every replica sharing the volume, whichever user it runs as: a temporary
+    file is created for its owner alone."""
+    os.chmod(path, 0o644)
+
+
+def _changed_source(graph: Any) -> str:
+    """Which source a precompiled graph was traced from has changed since (an edited or patched
+    diffusers at the same version), as torch's own package cache checks; empty if none or unknown."""
+    try:
+        from torch._dynamo.package import _hash_sourcelines
+
+        for code in graph.source_info().inlined_sources:
+            module = importlib.import_module(code.module)
+            if _hash_sourcelines(module, code.firstlineno, code.lastlineno) != code.checksum:
+                return f"its source changed: {code.module}, lines {code.firstlineno}-{code.lastlineno}"
+    except Exception:  # a torch without these records, a module without its source: the key stands alone
+        log.debug("cannot compare a precompiled graph's sources", exc_info=True)
+        return ""
+    return ""
 
 
 # How a failed guard shows: dynamo's `fail_on_recompile` stance (traced graphs) and a precompiled
@@ -630,7 +699,7 @@ def _serialisable_guards(entries: list[Any]) -> list[bool]:
 
 
 def _aot_compile_enabled() -> contextlib.AbstractContextManager[Any]:
-    """torch 2.11 offers `torch.compile(...).aot_compile` only with this flag set; later ones always."""
+    """torch 2.11 offers `torch.compile(...).aot_compile` only with this flag set; 2.13 sets it by default."""
     if hasattr(torch._dynamo.config, "enable_aot_compile"):
         return torch._dynamo.config.patch(enable_aot_compile=True)  # type: ignore[no-any-return]
     return contextlib.nullcontext()
@@ -796,7 +865,7 @@ def precompiled_folder(model: LoadedModel, module: torch.nn.Module, plan: Accele
     """
     if not plan.cache_dir:
         return None
-    code = f"{diffusers.__version__} {type(module).__module__}.{type(module).__qualname__}"
+    code = f"{__version__} {diffusers.__version__} {type(module).__module__}.{type(module).__qualname__}"
     key = _cache_key(model, plan, code, str(model.device))
     return Path(plan.cache_dir) / PRECOMPILED_FOLDER / key
 
@@ -824,6 +893,7 @@ def _save_megacache(path: Path | None) -> None:
         tmp.write(artifacts[0])
         tmp.flush()
         os.fsync(tmp.fileno())
+    _readable(tmp.name)
     os.replace(tmp.name, path)
     log.info("saved compile cache %s (%d bytes)", path, len(artifacts[0]))
 
@@ -977,7 +1047,7 @@ def accelerate(model: LoadedModel, plan: AccelerationPlan) -> AccelerationReport
             )
     except Exception as err:
         log.exception("%s: compiling failed; serving eagerly", model.spec.name)
-        dispatcher.ready.clear()
+        dispatcher.disable()
         report.compiled_shapes.clear()
         report.mode, report.error = "eager", f"compiling failed: {type(err).__name__}: {err}"
         return report
