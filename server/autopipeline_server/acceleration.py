@@ -459,6 +459,9 @@ class DenoiserDispatcher:
         if self._eager:
             self.adapter_calls += 1
             return self.eager_forward(*args, **kwargs)
+        if self._warming is None and not self._runners:  # nothing compiled (the eager mode): no key to find
+            self.eager_calls += 1
+            return self.eager_forward(*args, **kwargs)
         signature = _signature(args, kwargs)
         key = (signature, _constants(args, kwargs))
         if self._warming is not None:
