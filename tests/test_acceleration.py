@@ -626,6 +626,18 @@ def test_a_precompiled_graph_is_saved_and_a_later_start_loads_it_without_tracing
         scaled = second(sample, torch.tensor(2.0), scale=3.0)
         assert torch.allclose(scaled, module(sample, torch.tensor(2.0)) * 3.0)
     assert (second.compiled_calls, second.eager_calls) == (1, 1)
+    # Calls alike but for such an argument get a graph (and a file) of their own, found again at a restart.
+    with second.warming(Task.TEXT_TO_IMAGE), torch.inference_mode():
+        second(sample, torch.tensor(2.0), scale=3.0)
+    assert (second.graphs_precompiled, len(list(tmp_path.glob("*.bin")))) == (1, 2)
+    third = DenoiserDispatcher(_Scaled(), compile_mode=None, store=tmp_path)
+    with third.warming(Task.TEXT_TO_IMAGE), torch.inference_mode():
+        third(sample, torch.tensor(2.0))
+        third(sample, torch.tensor(2.0), scale=3.0)
+    assert (third.graphs_precompiled, third.graphs_loaded) == (0, 2)
+    fourth = DenoiserDispatcher(_Scaled(), compile_mode=None, store=tmp_path)
+    _warm(fourth, 4)  # batch 4 first: the graph saved under batch 2's call serves it
+    assert fourth.graphs_precompiled == 0 and fourth.graphs_loaded >= 1
     second.disable()  # as a failed warm-up leaves it: every call eager
     with torch.inference_mode():
         second(sample, torch.tensor(2.0))

@@ -421,6 +421,7 @@ class DenoiserDispatcher:
         )
         self._store = store
         self._graphs: list[Any] = []  # precompiled graphs; one may serve several signatures
+        self._tried: set[Path] = set()  # files of `store` loaded (or found unusable) by this process
         # Per signature and the call's other arguments: a precompiled graph keeps only the guards a new
         # process can check, so the arguments it was traced with are checked here.
         self._runners: dict[_Key, _Runner] = {}
@@ -473,7 +474,7 @@ class DenoiserDispatcher:
                 self._primed = True
             traced = _batch_dynamic(args, kwargs)
             with _GATE.compiling():
-                runner = self._runners.get(key) or self._warm_runner(signature, args, kwargs, traced)
+                runner = self._runners.get(key) or self._warm_runner(key, args, kwargs, traced)
                 # torch.compile traces on its first call; a precompiled graph was traced already.
                 result = self._run(runner.call, *(traced if runner.traced else (args, kwargs)))
             self._runners[key] = runner
@@ -534,16 +535,16 @@ class DenoiserDispatcher:
 
     def _warm_runner(
         self,
-        signature: Signature,
+        key: _Key,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         traced: tuple[tuple[Any, ...], dict[str, Any]],
     ) -> _Runner:
-        """What runs `signature` from now on: a precompiled graph (loaded, or traced with `traced` and
-        saved), or the traced `torch.compile` where precompiling is not possible."""
+        """What runs calls like this one (`key`) from now on: a precompiled graph (loaded, or traced
+        with `traced` and saved), or the traced `torch.compile` where precompiling is not possible."""
         if self._inner is not None:
             try:
-                graph = self._precompiled(signature, ((self._module, *args), kwargs), traced)
+                graph = self._precompiled(key, ((self._module, *args), kwargs), traced)
                 return _Runner(functools.partial(graph, self._module), traced=False)
             except Exception as err:  # e.g. a guard torch cannot save: trace it as before
                 log.warning("precompiling the denoiser failed; it is traced instead", exc_info=True)
@@ -553,15 +554,18 @@ class DenoiserDispatcher:
 
     def _precompiled(
         self,
-        signature: Signature,
+        key: _Key,
         call: tuple[tuple[Any, ...], dict[str, Any]],
         traced: tuple[tuple[Any, ...], dict[str, Any]],
     ) -> Any:
         for graph in self._graphs:  # batch sizes of one size share a graph: their batch is dynamic
             if _fits(graph, call):
                 return graph
-        path = self._store / f"{_digest(repr(signature))}.bin" if self._store else None
-        if path is not None and path.is_file():
+        # One file per signature and constants: calls alike but for `return_dict` (Z-Image makes both)
+        # are two graphs, and each must find its own at the next start.
+        path = self._store / f"{_digest(repr(key))}.bin" if self._store else None
+        if path is not None and path.is_file() and path not in self._tried:
+            self._tried.add(path)
             graph = self._load(path)
             if graph is None:
                 misfit = "not loaded"
@@ -572,6 +576,18 @@ class DenoiserDispatcher:
                 self.graphs_loaded += 1
                 return graph
             log.warning("the precompiled graph %s does not fit (%s); compiling it afresh", path, misfit)
+        # A graph saved under another call's name may serve this one too (the batch sizes of one size
+        # share a graph, saved under the batch that compiled it): the model's other files, once each.
+        for other in sorted(self._store.glob("*.bin")) if self._store else ():
+            if other in self._tried:
+                continue
+            self._tried.add(other)
+            graph = self._load(other)
+            if graph is not None and not _changed_source(graph):
+                self._graphs.append(graph)
+                self.graphs_loaded += 1
+                if _fits(graph, call):
+                    return graph
         # One compiler at a time in the process: dynamo's own trace holds a lock that `aot_compile`
         # does not take, and devices' threads warm up side by side.
         with _COMPILING, _aot_compile_enabled():
@@ -581,6 +597,7 @@ class DenoiserDispatcher:
         self._graphs.append(graph)
         self.graphs_precompiled += 1
         if path is not None:
+            self._tried.add(path)  # in memory already
             self._save(graph, path)
         return graph
 
