@@ -612,8 +612,11 @@ class DenoiserDispatcher:
 
     def _load(self, path: Path) -> Any:
         try:
+            # The traced function's module globals, for what the traced code names there (an output
+            # class where a call returns a dict); torch 2.11 takes none.
+            scope = {"f_globals": getattr(self._inner, "__globals__", None)} if _LOAD_TAKES_GLOBALS else {}
             with _COMPILING, path.open("rb") as file, torch._inductor.config.patch(self._options):
-                return torch.compiler.load_compiled_function(file, external_data=self._external())
+                return torch.compiler.load_compiled_function(file, external_data=self._external(), **scope)
         except Exception as err:  # a corrupt, foreign or older file only costs a compile
             log.warning("cannot load the precompiled graph %s: %s", path, err)
             return None
@@ -638,6 +641,7 @@ def _no_dispatcher() -> None:
 
 
 _COMPILING = threading.Lock()  # held while a graph is precompiled or loaded
+_LOAD_TAKES_GLOBALS = "f_globals" in inspect.signature(torch.compiler.load_compiled_function).parameters
 
 
 def _readable(path: str) -> None:
