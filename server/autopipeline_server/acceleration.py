@@ -412,13 +412,11 @@ class DenoiserDispatcher:
             self.eager_forward, mode=compile_mode, fullgraph=True, dynamic=False
         )
         self._inner = _precompilable(module) if store is not None else None
-        self.precompile_error = (
-            "no compile cache dir to keep precompiled graphs in"
-            if store is None
-            else ""
-            if self._inner
-            else "the denoiser's forward is wrapped by a hook"
-        )
+        self.precompile_error = ""
+        if store is None:
+            self.precompile_error = "no compile cache dir to keep precompiled graphs in"
+        elif self._inner is None:
+            self.precompile_error = "the denoiser's forward is wrapped by a hook"
         self._store = store
         self._graphs: list[Any] = []  # precompiled graphs; one may serve several signatures
         self._tried: set[Path] = set()  # files of `store` loaded (or found unusable) by this process
